@@ -1,0 +1,1 @@
+"""The Cython core: per-packet data structures with no I/O."""

@@ -1,0 +1,32 @@
+# C library declarations that Cython's bundled .pxd files do not provide.
+# Constants come from the real headers at compile time; none is copied here.
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        AF_INET
+        AF_INET6
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    enum:
+        # glibc: prefer writers so that a steady stream of batch readers cannot starve updates.
+        PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_destroy(pthread_rwlockattr_t *attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref)
+    int pthread_rwlock_init(pthread_rwlock_t *lock, const pthread_rwlockattr_t *attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+
+cdef extern from * nogil:
+    # GCC/Clang builtins; setup.py enables the POPCNT instruction where the CPU has it.
+    int __builtin_popcountll(unsigned long long x)
+    void __builtin_prefetch(const void *addr)
