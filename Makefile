@@ -27,7 +27,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml setup.py | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "setuptools>=70" wheel "Cython>=3.0,<4"
+	$(PY) -m pip install --quiet "setuptools>=77" wheel "Cython>=3.0,<4"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench]"
 	touch $@
 

@@ -151,7 +151,7 @@ cdef int coerce_address(object address, object family, IpKey *out) except -1:
         if not 0 <= address < (1 << 128):
             raise InvalidAddressError(
                 f"integer IPv6 address {address!r} is out of range: expected 0 to 2**128-1")
-        memcpy(out.addr, PyBytes_AS_STRING((<int>address).to_bytes(16, "big")), 16)
+        memcpy(out.addr, PyBytes_AS_STRING(address.to_bytes(16, "big")), 16)
         out.family = 6
         out.length = 128
         return 0

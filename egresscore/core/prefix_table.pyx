@@ -36,6 +36,7 @@ slots the same way.
 
 cimport cython
 from cpython cimport array
+from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uintptr_t
@@ -945,8 +946,11 @@ cdef class PrefixTable:
         s = self.lookup_key(&key, &length)
         if s == NO_SLOT:
             return None
+        # Take the value before building the network: that runs Python code, during
+        # which another thread may change the table and free slot s.
+        value = <object>self.values[s]
         mask_key(&key, length)
-        return (key_to_network(&key), <object>self.values[s])
+        return (key_to_network(&key), value)
 
     def lookup_many(self, addresses, out=None):
         """Look up a batch of IPv4 addresses without the GIL.
@@ -1068,19 +1072,42 @@ cdef class PrefixTable:
         return count
 
     cdef PrefixTableIterator snapshot(self, bint with_values):
-        cdef PrefixTableIterator iterator = PrefixTableIterator.__new__(PrefixTableIterator)
+        # Nothing between reading the table and owning references to its values may
+        # allocate a Python object: that may run the garbage collector, finalisers and
+        # so other threads, which could change the table and free slots under us.
         cdef Py_ssize_t total = self.v4.count + self.v6.count, count, i
-        iterator.entries = <Entry *>PyMem_Malloc(max(total, 1) * sizeof(Entry))
-        if iterator.entries == NULL:
+        cdef Entry *entries = <Entry *>PyMem_Malloc(max(total, 1) * sizeof(Entry))
+        cdef void **references
+        cdef PrefixTableIterator iterator
+        if entries == NULL:
             raise MemoryError("cannot allocate a PrefixTable iteration snapshot")
-        count = self.collect_trie(&self.v4, iterator.entries, 0)
-        count = self.collect_trie(&self.v6, iterator.entries, count)
-        qsort(iterator.entries, count, sizeof(Entry), compare_entries)
+        count = self.collect_trie(&self.v4, entries, 0)
+        count = self.collect_trie(&self.v6, entries, count)
+        qsort(entries, count, sizeof(Entry), compare_entries)
+        references = <void **>PyMem_Malloc(max(count, 1) * sizeof(void *))
+        if references == NULL:
+            PyMem_Free(entries)
+            raise MemoryError("cannot allocate a PrefixTable iteration snapshot")
+        for i in range(count if with_values else 0):
+            references[i] = self.values[entries[i].slot]
+            Py_INCREF(<object>references[i])
+        try:
+            iterator = PrefixTableIterator.__new__(PrefixTableIterator)
+            if with_values:
+                iterator.snapshot_values = PyList_New(count)
+        except BaseException:
+            for i in range(count if with_values else 0):
+                Py_DECREF(<object>references[i])
+            PyMem_Free(references)
+            PyMem_Free(entries)
+            raise
+        for i in range(count if with_values else 0):
+            PyList_SET_ITEM(iterator.snapshot_values, i, <object>references[i])   # steals
+        PyMem_Free(references)
+        iterator.entries = entries
         iterator.count = count
         iterator.position = 0
         iterator.with_values = with_values
-        if with_values:
-            iterator.snapshot_values = [<object>self.values[iterator.entries[i].slot] for i in range(count)]
         return iterator
 
     def items(self):
