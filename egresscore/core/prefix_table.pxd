@@ -20,6 +20,10 @@ cdef struct LpmNode:
     uint16_t nchildren
     uint16_t nrib
     uint16_t allocated_words   # size of this allocation in 8-byte words
+    # run_base[w]: set bits of runmap in words before w (at most 192, so a byte);
+    # a rank is then one popcount. child_base likewise for childmap.
+    uint8_t run_base[4]
+    uint8_t child_base[4]
 
 cdef struct FamilyTrie:
     # 65536 words indexed by the first 16 bits of an address: either a tagged slot

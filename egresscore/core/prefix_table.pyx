@@ -68,6 +68,22 @@ from egresscore.errors import InvalidAddressError
 NO_MATCH = -1
 
 cdef array.array INT64_TEMPLATE = _array.array('q')
+
+# A node with one run answering NO_SLOT and no children. Batch lookups point the
+# lanes that have no node (or no more nodes) at it, so that every lane does the same
+# work without a branch; its runs follow the header as in every node.
+cdef struct EmptyNode:
+    LpmNode header
+    slot_t runs[2]
+
+cdef EmptyNode EMPTY_NODE
+memset(&EMPTY_NODE, 0, sizeof(EMPTY_NODE))
+EMPTY_NODE.header.runmap[0] = 1
+set_bases(EMPTY_NODE.header.runmap, EMPTY_NODE.header.run_base)
+EMPTY_NODE.header.nruns = 1
+EMPTY_NODE.header.short_best = NO_SLOT
+EMPTY_NODE.runs[0] = NO_SLOT
+EMPTY_NODE.runs[1] = NO_SLOT
 cdef object MISSING = object()
 
 cdef enum:
@@ -80,17 +96,28 @@ cdef enum:
 # ---------------------------------------------------------------------------
 # Small helpers: bitmap rank, node layout, dir words.
 
-cdef inline uint32_t rank_through(const uint64_t *bitmap, uint32_t c) noexcept nogil:
-    """Number of set bits at positions 0..c (inclusive) of a 256-bit bitmap."""
-    cdef uint32_t word = c >> 6
-    cdef uint64_t full = ~(<uint64_t>0)
+cdef inline uint32_t rank_through(const uint64_t *bitmap, const uint8_t *base, uint32_t c) noexcept nogil:
+    """Number of set bits at positions 0..c (inclusive) of a 256-bit bitmap whose
+    per-word prefix counts are *base*."""
     # 2 << 63 is 0 in uint64_t, and 0 - 1 is all ones: the mask for c & 63 == 63.
-    cdef uint64_t low = (<uint64_t>2 << (c & 63)) - 1
-    return <uint32_t>(
-        __builtin_popcountll(bitmap[0] & (full if word > 0 else low))
-        + __builtin_popcountll(bitmap[1] & (full if word > 1 else (low if word == 1 else 0)))
-        + __builtin_popcountll(bitmap[2] & (full if word > 2 else (low if word == 2 else 0)))
-        + __builtin_popcountll(bitmap[3] & (low if word == 3 else 0)))
+    return base[c >> 6] + <uint32_t>__builtin_popcountll(
+        bitmap[c >> 6] & ((<uint64_t>2 << (c & 63)) - 1))
+
+
+cdef inline void set_bases(const uint64_t *bitmap, uint8_t *base) noexcept nogil:
+    base[0] = 0
+    base[1] = <uint8_t>__builtin_popcountll(bitmap[0])
+    base[2] = <uint8_t>(base[1] + __builtin_popcountll(bitmap[1]))
+    base[3] = <uint8_t>(base[2] + __builtin_popcountll(bitmap[2]))
+
+
+cdef inline uint32_t run_index(const LpmNode *node, uint32_t c) noexcept nogil:
+    return rank_through(node.runmap, node.run_base, c) - 1
+
+
+cdef inline Py_ssize_t child_index(const LpmNode *node, uint32_t c) noexcept nogil:
+    """Index of c's child in the child array (-1 when c has none and none below)."""
+    return <Py_ssize_t>rank_through(node.childmap, node.child_base, c) - 1
 
 
 cdef inline bint bit_is_set(const uint64_t *bitmap, uint32_t c) noexcept nogil:
@@ -132,7 +159,7 @@ cdef inline size_t node_size(uint32_t nruns, uint32_t nchildren, uint32_t nrib) 
 cdef inline LpmNode *child_of(LpmNode *node, uint32_t c) noexcept nogil:
     if not bit_is_set(node.childmap, c):
         return NULL
-    return node_children(node)[rank_through(node.childmap, c) - 1]
+    return node_children(node)[child_index(node, c)]
 
 
 cdef inline uint16_t rib_key(uint32_t relative_length, uint8_t chunk) noexcept nogil:
@@ -395,13 +422,19 @@ cdef class PrefixTable:
         return old
 
     cdef LpmNode *new_node(self, slot_t short_best) except NULL:
-        cdef LpmNode *node = <LpmNode *>PyMem_Malloc(sizeof(LpmNode))
+        """A node with no prefixes and no children: one run answering NO_SLOT."""
+        cdef size_t size = node_size(1, 0, 0)
+        cdef LpmNode *node = <LpmNode *>PyMem_Malloc(size)
         if node == NULL:
             raise MemoryError("cannot allocate a PrefixTable node")
-        memset(node, 0, sizeof(LpmNode))
+        memset(node, 0, size)
         node.short_best = short_best
-        node.allocated_words = sizeof(LpmNode) // 8
-        self.node_bytes += sizeof(LpmNode)
+        node.runmap[0] = 1
+        set_bases(node.runmap, node.run_base)
+        node.nruns = 1
+        node_runs(node)[0] = NO_SLOT
+        node.allocated_words = <uint16_t>(size // 8)
+        self.node_bytes += size
         return node
 
     cdef void release_node(self, LpmNode *node) noexcept:
@@ -435,13 +468,14 @@ cdef class PrefixTable:
             start = rib_keys[i] & 0xFF
             for c in range(start, start + span):
                 paint[c] = rib_slots[i]
+        # Every node has at least one run (NO_SLOT when it holds no prefix), so a
+        # lookup can read its run without first checking that there is one.
         memset(runmap, 0, sizeof(runmap))
-        if nrib:
-            for c in range(256):
-                if c == 0 or paint[c] != paint[c - 1]:
-                    runmap[c >> 6] |= <uint64_t>1 << (c & 63)
-                    runs[nruns] = paint[c]
-                    nruns += 1
+        for c in range(256):
+            if c == 0 or paint[c] != paint[c - 1]:
+                runmap[c >> 6] |= <uint64_t>1 << (c & 63)
+                runs[nruns] = paint[c]
+                nruns += 1
         size = node_size(nruns, nchildren, nrib)
         if size <= 8 * <size_t>node.allocated_words:
             target = node
@@ -454,6 +488,8 @@ cdef class PrefixTable:
             self.node_bytes += size
         memcpy(target.runmap, runmap, sizeof(runmap))
         memcpy(target.childmap, childmap_copy, sizeof(childmap_copy))
+        set_bases(target.runmap, target.run_base)
+        set_bases(target.childmap, target.child_base)
         target.nruns = <uint16_t>nruns
         target.nchildren = <uint16_t>nchildren
         target.nrib = <uint16_t>nrib
@@ -525,7 +561,7 @@ cdef class PrefixTable:
         node = <LpmNode *>reference[0]
         while key.length > depth + 8:
             c = key.addr[depth >> 3]
-            position = rank_through(node.childmap, c)
+            position = rank_through(node.childmap, node.child_base, c)
             if not bit_is_set(node.childmap, c):
                 child = self.new_node(NO_SLOT)
                 count = node.nchildren
@@ -653,7 +689,7 @@ cdef class PrefixTable:
                 return MISSING
             chunks[level] = <uint8_t>c
             level += 1
-            references[level] = <void **>&node_children(node)[rank_through(node.childmap, c) - 1]
+            references[level] = <void **>&node_children(node)[child_index(node, c)]
             node = <LpmNode *>references[level][0]
             depth += 8
         at = self.rib_find(node, rib_key(key.length - depth, key.addr[depth >> 3]), &found)
@@ -678,7 +714,7 @@ cdef class PrefixTable:
             level -= 1
             node = <LpmNode *>references[level][0]
             c = chunks[level]
-            position = rank_through(node.childmap, c) - 1
+            position = <uint32_t>child_index(node, c)
             memcpy(childmap, node.childmap, sizeof(childmap))
             childmap[c >> 6] &= ~(<uint64_t>1 << (c & 63))
             memcpy(rib_slots, node_rib_slots(node), node.nrib * sizeof(slot_t))
@@ -716,14 +752,12 @@ cdef class PrefixTable:
         best = node.short_best
         while True:
             c = (address >> shift) & 0xFF
-            if node.nruns:
-                s = node_runs(node)[rank_through(node.runmap, c) - 1]
-                if s != NO_SLOT:
-                    best = s
+            s = node_runs(node)[run_index(node, c)]
+            best = s if s != NO_SLOT else best
             # An IPv4 node at depth 24 (shift 0) never has children.
             if not bit_is_set(node.childmap, c):
                 return best
-            node = node_children(node)[rank_through(node.childmap, c) - 1]
+            node = node_children(node)[child_index(node, c)]
             shift -= 8
 
     cdef slot_t lookup_packed(self, const FamilyTrie *trie, const uint8_t *address,
@@ -744,15 +778,14 @@ cdef class PrefixTable:
             best = node.short_best
             while True:
                 c = address[depth >> 3]
-                if node.nruns:
-                    s = node_runs(node)[rank_through(node.runmap, c) - 1]
-                    if s != NO_SLOT:
-                        best = s
-                        best_node = node
-                        best_depth = depth
+                s = node_runs(node)[run_index(node, c)]
+                if s != NO_SLOT:
+                    best = s
+                    best_node = node
+                    best_depth = depth
                 if not bit_is_set(node.childmap, c):
                     break
-                node = node_children(node)[rank_through(node.childmap, c) - 1]
+                node = node_children(node)[child_index(node, c)]
                 depth += 8
         if matched_length != NULL and best != NO_SLOT:
             if best_node == NULL:
@@ -775,16 +808,20 @@ cdef class PrefixTable:
         One lookup is a chain of dependent memory reads (dir word, node, child), each
         likely a cache and TLB miss in a large table. Walking a group of addresses one
         level at a time, prefetching the next level of every address in the group,
-        overlaps those misses instead of paying them one after another.
+        overlaps those misses instead of paying them one after another. The inner
+        loop has no data-dependent branch: with random addresses every such branch
+        mispredicts half the time, which costs more than the memory.
         """
         cdef slot_t best[BATCH_GROUP]
         cdef LpmNode *current[BATCH_GROUP]
-        cdef uint32_t chunk[BATCH_GROUP]
+        cdef uint32_t high[BATCH_GROUP]
         cdef Py_ssize_t base = 0, j, size
-        cdef uint32_t depth, c
-        cdef bint pending
+        cdef uint32_t depth, c, has_child
+        cdef uint32_t any_child
         cdef LpmNode *node
-        cdef void *word
+        cdef LpmNode *empty = &EMPTY_NODE.header
+        cdef LpmNode *next_node
+        cdef uintptr_t word
         cdef slot_t s
         if trie.dir == NULL:
             for j in range(count):
@@ -793,57 +830,39 @@ cdef class PrefixTable:
         while base < count:
             size = min(<Py_ssize_t>BATCH_GROUP, count - base)
             for j in range(size):
-                chunk[j] = (ipv4[base + j] >> 16) if ipv4 != NULL else dir_index(ipv6 + 16 * (base + j))
-                prefetch(&trie.dir[chunk[j]])
-            pending = False
+                high[j] = (ipv4[base + j] >> 16) if ipv4 != NULL else dir_index(ipv6 + 16 * (base + j))
+                prefetch(&trie.dir[high[j]])
+            any_child = 0
             for j in range(size):
-                word = trie.dir[chunk[j]]
-                if dir_is_slot(word):
-                    best[j] = <slot_t>(<uintptr_t>word >> 1)
-                    current[j] = NULL
-                else:
-                    # Do not read the node yet (a miss): prefetch it for stage 1.
-                    current[j] = <LpmNode *>word
-                    prefetch(word)
-                    prefetch(<char *>word + 64)
-                    pending = True
+                word = <uintptr_t>trie.dir[high[j]]
+                # A slot word answers at once (and walks the empty node); a node word
+                # is not read yet (a miss): it is prefetched for the first level.
+                best[j] = <slot_t>(word >> 1) if (word & 1) else NO_SLOT
+                current[j] = empty if (word & 1) else <LpmNode *>word
+                any_child |= <uint32_t>(1 - (word & 1))
+                prefetch(current[j])
+                prefetch(<char *>current[j] + 64)
             depth = 16
-            while pending:
-                # Stage 1: locate each address's run and child entry; prefetch them.
+            while any_child:
+                any_child = 0
                 for j in range(size):
                     node = current[j]
-                    if node == NULL:
-                        continue
                     if ipv4 != NULL:
                         c = (ipv4[base + j] >> (24 - depth)) & 0xFF
                     else:
                         c = ipv6[16 * (base + j) + (depth >> 3)]
-                    chunk[j] = c
                     if depth == 16:
-                        best[j] = node.short_best
-                    if node.nruns:
-                        prefetch(&node_runs(node)[rank_through(node.runmap, c) - 1])
-                    if bit_is_set(node.childmap, c):
-                        prefetch(&node_children(node)[rank_through(node.childmap, c) - 1])
-                # Stage 2: take the run's answer, step to the child, prefetch it.
-                pending = False
-                for j in range(size):
-                    node = current[j]
-                    if node == NULL:
-                        continue
-                    c = chunk[j]
-                    if node.nruns:
-                        s = node_runs(node)[rank_through(node.runmap, c) - 1]
-                        if s != NO_SLOT:
-                            best[j] = s
-                    if bit_is_set(node.childmap, c):
-                        node = node_children(node)[rank_through(node.childmap, c) - 1]
-                        prefetch(node)
-                        prefetch(<char *>node + 64)
-                        pending = True
-                        current[j] = node
-                    else:
-                        current[j] = NULL
+                        best[j] = node.short_best if node != empty else best[j]
+                    s = node_runs(node)[run_index(node, c)]
+                    best[j] = s if s != NO_SLOT else best[j]
+                    # Read the child entry even when there is none (index -1 reads
+                    # the node's own runs: valid memory), then select.
+                    has_child = bit_is_set(node.childmap, c)
+                    next_node = node_children(node)[child_index(node, c)]
+                    current[j] = next_node if has_child else empty
+                    any_child |= has_child
+                    prefetch(current[j])
+                    prefetch(<char *>current[j] + 64)
                 depth += 8
             for j in range(size):
                 out[base + j] = -1 if best[j] == NO_SLOT else <int64_t>best[j]
