@@ -1,0 +1,361 @@
+"""Fixtures, table sizes and the peer-ratio summary for the egresscore benchmarks.
+
+Sizes depend on the mode. With ``--benchmark-disable`` (the CI smoke run: every benchmark body runs
+once, untimed) the 100k/500k tables are replaced by small ones so the run stays short while every
+implementation, group and the memory probe still execute. ``EGRESSCORE_BENCH_SIZES=quick|full``
+overrides that choice in either direction.
+
+After a timed run, :func:`pytest_terminal_summary` prints, for every benchmark group, each
+implementation's mean time per operation and its ratio to egresscore, then the project's
+performance targets and whether this run met them. Nothing here fails a run for being slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+# With --import-mode=importlib pytest does not put this directory on sys.path; the helpers live here.
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import _workload  # noqa: E402
+
+SIZES_ENV: Final = "EGRESSCORE_BENCH_SIZES"
+MEMORY_RESULTS: Final = pytest.StashKey[dict[tuple[str, int], dict[str, Any]]]()
+FAILED_TESTS: Final = pytest.StashKey[set[str]]()
+SUMMARY_SECTION: Final = "egresscore vs peers"
+
+# Performance targets. Speed targets are speedups: the peer's mean time per operation divided by
+# egresscore's, in the groups named in bench_prefix_table.py.
+LOOKUP_STR_VS_PYTRICIA: Final = 2.0
+BATCH_VS_PYTRICIA: Final = 100.0
+BATCH_VS_NUMPY: Final = 2.0
+BUILD_VS_PYTRICIA: Final = 1.0
+MAX_BYTES_PER_PREFIX: Final = 40.0
+MAX_SMALL_TABLE_BYTES: Final = 2_000_000
+
+
+def quick_mode(config: pytest.Config) -> bool:
+    override = os.environ.get(SIZES_ENV, "").strip().lower()
+    if override in ("quick", "full"):
+        return override == "quick"
+    if override:
+        raise pytest.UsageError(f"{SIZES_ENV}={override!r}: expected 'quick' or 'full'")
+    return bool(config.getoption("benchmark_disable")) and not config.getoption("benchmark_enable")
+
+
+def ipv4_sizes(config: pytest.Config) -> tuple[int, ...]:
+    return _workload.QUICK_IPV4_SIZES if quick_mode(config) else _workload.FULL_IPV4_SIZES
+
+
+def build_sizes(config: pytest.Config) -> tuple[int, ...]:
+    return _workload.QUICK_BUILD_SIZES if quick_mode(config) else _workload.FULL_BUILD_SIZES
+
+
+def memory_sizes(config: pytest.Config) -> tuple[int, ...]:
+    return _workload.QUICK_MEMORY_SIZES if quick_mode(config) else _workload.FULL_MEMORY_SIZES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[MEMORY_RESULTS] = {}
+    config.stash[FAILED_TESTS] = set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    # A benchmark whose answers were wrong is timed before its check fails; keep it out of the ratios.
+    if call.excinfo is not None and call.when == "call":
+        item.config.stash[FAILED_TESTS].add(item.nodeid)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    parameters = {
+        "ipv4_size": ipv4_sizes,
+        "build_size": build_sizes,
+        "memory_size": memory_sizes,
+    }
+    for name, sizes in parameters.items():
+        if name in metafunc.fixturenames:
+            chosen = sizes(metafunc.config)
+            metafunc.parametrize(name, chosen, ids=[_workload.size_label(s) for s in chosen])
+
+
+@pytest.fixture(scope="session")
+def tables(pytestconfig: pytest.Config) -> _workload.Tables:
+    """Seeded workloads and filled tables, shared by every benchmark of the session."""
+    quick = quick_mode(pytestconfig)
+    return _workload.Tables(_workload.QUICK_BATCH_COUNT if quick else _workload.FULL_BATCH_COUNT)
+
+
+@pytest.fixture(scope="session")
+def prefix_file(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """The memory probe's input: a file of the seeded IPv4 prefixes of a size, written once."""
+    directory = tmp_path_factory.mktemp("prefixes")
+
+    def path_for(count: int) -> Path:
+        path = directory / f"ipv4-{count}.txt"
+        if not path.exists():
+            _workload.write_ipv4_prefix_file(count, path)
+        return path
+
+    return path_for
+
+
+@pytest.fixture(scope="session")
+def memory_results(pytestconfig: pytest.Config) -> dict[tuple[str, int], dict[str, Any]]:
+    """(implementation, prefix count) -> the memory probe's report; read by the summary."""
+    return pytestconfig.stash[MEMORY_RESULTS]
+
+
+# --- Summary ---------------------------------------------------------------------------------------
+
+
+def _timed_benchmarks(config: pytest.Config) -> list[Any]:
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled:
+        return []
+    failed = config.stash.get(FAILED_TESTS, set())
+    return [
+        bench
+        for bench in session.benchmarks
+        if bench and not bench.has_error and bench.fullname not in failed
+    ]
+
+
+def _ns_per_op(bench: Any, statistic: str) -> float:
+    return float(getattr(bench.stats, statistic)) / int(bench.extra_info.get("ops_per_round", 1)) * 1e9
+
+
+def _group_table(benchmarks: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """group -> implementation -> {ns_per_op, speedup (peer time / egresscore time), method}."""
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for bench in benchmarks:
+        info = bench.extra_info
+        if info.get("kind") == "memory" or "implementation" not in info:
+            continue
+        groups.setdefault(bench.group or bench.name, {})[info["implementation"]] = {
+            "ns_per_op": _ns_per_op(bench, "mean"),
+            "min_ns_per_op": _ns_per_op(bench, "min"),
+            "method": info.get("method", ""),
+        }
+    for rows in groups.values():
+        reference = rows.get("egresscore")
+        for row in rows.values():
+            row["speedup"] = row["ns_per_op"] / reference["ns_per_op"] if reference else None
+            row["speedup_min"] = row["min_ns_per_op"] / reference["min_ns_per_op"] if reference else None
+    return dict(sorted(groups.items(), key=lambda item: _group_order(item[0])))
+
+
+def _group_order(group: str) -> tuple[int, int, str]:
+    kinds = ["lookup-str-", "lookup-batch-", "lookup6-str-", "lookup6-batch-", "build-"]
+    for position, kind in enumerate(kinds):
+        if group.startswith(kind):
+            label = group[len(kind) :]
+            number = label[:-1] if label.endswith("k") else label
+            scale = 1_000 if label.endswith("k") else 1
+            return position, int(number) * scale if number.isdigit() else 0, group
+    return len(kinds), 0, group
+
+
+_RELATIONS: Final = {
+    ">=": lambda value, threshold: value >= threshold,
+    "<=": lambda value, threshold: value <= threshold,
+    "<": lambda value, threshold: value < threshold,
+}
+
+
+def _target(
+    description: str, value: float | None, relation: str, threshold: float, unit: str
+) -> dict[str, Any]:
+    met = None if value is None else bool(_RELATIONS[relation](value, threshold))
+    return {
+        "target": description,
+        "value": value,
+        "relation": relation,
+        "threshold": threshold,
+        "unit": unit,
+        "met": met,
+    }
+
+
+def _speedup(groups: dict[str, dict[str, dict[str, Any]]], group: str, peer: str) -> float | None:
+    value = groups.get(group, {}).get(peer, {}).get("speedup")
+    return None if value is None else float(value)
+
+
+def build_summary(config: pytest.Config, benchmarks: list[Any]) -> dict[str, Any]:
+    groups = _group_table(benchmarks)
+    memory = config.stash.get(MEMORY_RESULTS, {})
+    targets = []
+    for size in ipv4_sizes(config):
+        label = _workload.size_label(size)
+        targets.append(
+            _target(
+                f"lookup(str) >= {LOOKUP_STR_VS_PYTRICIA:g}x pytricia @ {label}",
+                _speedup(groups, f"lookup-str-{label}", "pytricia"),
+                ">=",
+                LOOKUP_STR_VS_PYTRICIA,
+                "x",
+            )
+        )
+    large = _workload.size_label(max(ipv4_sizes(config)))
+    targets.append(
+        _target(
+            f"lookup_many >= {BATCH_VS_PYTRICIA:g}x pytricia single @ {large}",
+            _speedup(groups, f"lookup-batch-{large}", "pytricia"),
+            ">=",
+            BATCH_VS_PYTRICIA,
+            "x",
+        )
+    )
+    targets.append(
+        _target(
+            f"lookup_many >= {BATCH_VS_NUMPY:g}x numpy proxy @ {large}",
+            _speedup(groups, f"lookup-batch-{large}", "numpy-proxy"),
+            ">=",
+            BATCH_VS_NUMPY,
+            "x",
+        )
+    )
+    build_large = _workload.size_label(max(build_sizes(config)))
+    targets.append(
+        _target(
+            f"build >= {BUILD_VS_PYTRICIA:g}x pytricia speed @ {build_large}",
+            _speedup(groups, f"build-{build_large}", "pytricia"),
+            ">=",
+            BUILD_VS_PYTRICIA,
+            "x",
+        )
+    )
+    small_count, large_count = min(memory_sizes(config)), max(memory_sizes(config))
+    large_probe = memory.get(("egresscore", large_count))
+    targets.append(
+        _target(
+            f"memory <= {MAX_BYTES_PER_PREFIX:g} B/prefix (RSS) @ {_workload.size_label(large_count)}",
+            None if large_probe is None else float(large_probe["bytes_per_prefix"]),
+            "<=",
+            MAX_BYTES_PER_PREFIX,
+            "B/prefix",
+        )
+    )
+    small_probe = memory.get(("egresscore", small_count))
+    # Untouched pages of a big up-front allocation do not show in RSS, so the table's own account
+    # (memory_usage) counts too: the larger of the two must stay under the limit.
+    small_cost = None
+    if small_probe is not None:
+        small_cost = float(max(small_probe["rss_growth"], small_probe["memory_usage"] or 0))
+    targets.append(
+        _target(
+            f"{small_count}-prefix table < {MAX_SMALL_TABLE_BYTES / 1e6:g} MB (max of RSS, memory_usage)",
+            small_cost,
+            "<",
+            MAX_SMALL_TABLE_BYTES,
+            "B",
+        )
+    )
+    memory_rows = {
+        _workload.size_label(count): {impl: result for (impl, n), result in memory.items() if n == count}
+        for count in sorted({n for _, n in memory})
+    }
+    return {
+        "mode": "quick" if quick_mode(config) else "full",
+        "speedup_means": "peer mean time per operation / egresscore mean time per operation",
+        "groups": groups,
+        "memory": memory_rows,
+        "targets": targets,
+    }
+
+
+def _format_ns(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:,.2f} ms"
+    if value >= 1e3:
+        return f"{value / 1e3:,.2f} us"
+    return f"{value:,.2f} ns"
+
+
+def _format_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.2f}x"
+
+
+def _format_value(value: float | None, unit: str) -> str:
+    if value is None or math.isnan(value):
+        return "not measured"
+    if unit == "x":
+        return f"{value:,.2f}x"
+    if unit == "B":
+        return f"{value:,.0f} B"
+    return f"{value:,.1f} {unit}"
+
+
+def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
+    yield f"mode: {summary['mode']}; speedup = {summary['speedup_means']} (> 1: egresscore is faster)"
+    yield "targets use the mean; the min columns show how much of a ratio is noise"
+    yield ""
+    yield (
+        f"{'group':<20}{'implementation':<16}{'method':<30}{'mean/op':>12}{'speedup':>10}"
+        f"{'min/op':>12}{'(min)':>10}"
+    )
+    for group, rows in summary["groups"].items():
+        ordered = sorted(rows.items(), key=lambda item: (item[0] != "egresscore", item[0]))
+        for position, (implementation, row) in enumerate(ordered):
+            yield (
+                f"{group if position == 0 else '':<20}{implementation:<16}{row['method']:<30}"
+                f"{_format_ns(row['ns_per_op']):>12}{_format_ratio(row['speedup']):>10}"
+                f"{_format_ns(row['min_ns_per_op']):>12}{_format_ratio(row['speedup_min']):>10}"
+            )
+    if summary["memory"]:
+        yield ""
+        yield "memory: RssAnon growth of a fresh process while it builds the table (one shared value object)"
+        yield (
+            f"{'prefixes':<10}{'implementation':<16}{'RSS growth':>16}{'B/prefix':>12}{'memory_usage()':>18}"
+        )
+        for label, rows in summary["memory"].items():
+            ordered = sorted(rows.items(), key=lambda item: (item[0] != "egresscore", item[0]))
+            for position, (implementation, row) in enumerate(ordered):
+                own = "" if row["memory_usage"] is None else f"{row['memory_usage']:,} B"
+                yield (
+                    f"{label if position == 0 else '':<10}{implementation:<16}{row['rss_growth']:>14,} B"
+                    f"{row['bytes_per_prefix']:>12,.1f}{own:>18}"
+                )
+    yield ""
+    yield "TARGETS"
+    yield f"{'target':<62}{'measured':>16}  met"
+    for target in summary["targets"]:
+        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
+        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list[Any], output_json: dict[str, Any]
+) -> None:
+    """Keep the ratios and targets inside every saved run, so `compare` sessions can read them back."""
+    timed = _timed_benchmarks(config)
+    if timed:
+        output_json["egresscore_summary"] = build_summary(config, timed)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    timed = _timed_benchmarks(config)
+    if not timed:
+        return
+    summary = build_summary(config, timed)
+    terminalreporter.write_sep("=", SUMMARY_SECTION)
+    for line in _summary_lines(summary):
+        terminalreporter.write_line(line)
+    json_path = config.getoption("benchmark_json")
+    if json_path:
+        path = Path(json_path)
+        summary_path = path.with_name(f"{path.stem}.summary.json")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        terminalreporter.write_line(f"summary written to {summary_path}")
