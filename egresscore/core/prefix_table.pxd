@@ -6,14 +6,14 @@ from egresscore.core.inet cimport IpKey
 from egresscore.includes.libc_extra cimport pthread_rwlock_t
 
 # A node covers 8 bits at depth 16, 24, 32, ... and is ONE allocation: this header,
-# then runs[nruns] (slot_t, padded to an even count), children[nchildren]
-# (LpmNode *), rib_slots[nrib] (slot_t) and rib_keys[nrib] (uint16_t:
-# relative length << 8 | bits), so that a lookup touches one place per level.
+# then runs[nruns] (slot_t, padded to an even count), and only when the node has
+# children childmap[4] (uint64_t: bit c set when a child exists for next-byte value
+# c) and children[nchildren] (LpmNode *); then rib_slots[nrib] (slot_t) and
+# rib_keys[nrib] (uint16_t: relative length << 8 | bits). A lookup touches one
+# place per level, and most IPv4 nodes (no children) carry no child bitmap.
 cdef struct LpmNode:
     # Bit c set: a run of next-byte values with one longest match starts at c.
     uint64_t runmap[4]
-    # Bit c set: a child node exists for next-byte value c.
-    uint64_t childmap[4]
     # For a node at depth 16: the longest prefix of length <= 16 covering it.
     slot_t short_best
     uint16_t nruns
