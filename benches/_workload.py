@@ -131,13 +131,15 @@ def ipv4_lookup_addresses(networks: U32Array, lengths: U8Array, count: int, seed
     return np.ascontiguousarray(rng.permutation(addresses), dtype=np.uint32)
 
 
-def expected_ipv4(networks: U32Array, lengths: U8Array, addresses: Sequence[int]) -> list[tuple[int, int]]:
-    """Reference longest-prefix match: (index of the best prefix or -1, its length or -1) per address."""
-    index = {
-        (n, length): i for i, (n, length) in enumerate(zip(networks.tolist(), lengths.tolist(), strict=True))
-    }
-    present = sorted(set(lengths.tolist()), reverse=True)
-    masks = {length: (ALL_ONES_32 << (32 - length)) & ALL_ONES_32 for length in present}
+def longest_matches(
+    networks: Sequence[int], lengths: Sequence[int], bits: int, addresses: Sequence[int]
+) -> list[tuple[int, int]]:
+    """Reference longest-prefix match over integer prefixes of a *bits*-wide family: (index of the
+    best prefix or -1, its length or -1) per address, trying each present length longest first."""
+    index = {(n, length): i for i, (n, length) in enumerate(zip(networks, lengths, strict=True))}
+    present = sorted(set(lengths), reverse=True)
+    all_ones = (1 << bits) - 1
+    masks = {length: (all_ones << (bits - length)) & all_ones for length in present}
     answers = []
     for address in addresses:
         best = (-1, -1)
@@ -148,6 +150,11 @@ def expected_ipv4(networks: U32Array, lengths: U8Array, addresses: Sequence[int]
                 break
         answers.append(best)
     return answers
+
+
+def expected_ipv4(networks: U32Array, lengths: U8Array, addresses: Sequence[int]) -> list[tuple[int, int]]:
+    """Reference longest-prefix match for 32-bit integer addresses."""
+    return longest_matches(networks.tolist(), lengths.tolist(), 32, addresses)
 
 
 def paint_numpy_proxy(networks: U32Array, lengths: U8Array) -> I32Array:
@@ -258,23 +265,8 @@ def ipv6_packed(high: U64Array, low: U64Array) -> bytes:
 
 
 def expected_ipv6(prefixes: IPv6Prefixes, addresses: Sequence[int]) -> list[tuple[int, int]]:
-    """Reference longest-prefix match for 128-bit integer addresses, like :func:`expected_ipv4`."""
-    networks = ipv6_ints(prefixes.high, prefixes.low)
-    lengths = prefixes.lengths.tolist()
-    index = {(n, length): i for i, (n, length) in enumerate(zip(networks, lengths, strict=True))}
-    present = sorted(set(lengths), reverse=True)
-    all_ones = (1 << 128) - 1
-    masks = {length: (all_ones << (128 - length)) & all_ones for length in present}
-    answers = []
-    for address in addresses:
-        best = (-1, -1)
-        for length in present:
-            found = index.get((address & masks[length], length))
-            if found is not None:
-                best = (found, length)
-                break
-        answers.append(best)
-    return answers
+    """Reference longest-prefix match for 128-bit integer addresses."""
+    return longest_matches(ipv6_ints(prefixes.high, prefixes.low), prefixes.lengths.tolist(), 128, addresses)
 
 
 # --- Workloads -------------------------------------------------------------------------------------

@@ -89,6 +89,32 @@ def check_single(
     )
 
 
+SINGLE_METHODS: Final = {"egresscore": "lookup(str)", "pytricia": "get(str)", "py-radix": "search_best(str)"}
+
+
+def bench_single_lookups(
+    benchmark: BenchmarkFixture,
+    group: str,
+    implementation: str,
+    kind: str,
+    method: str,
+    table: Any,
+    workload: Any,
+) -> None:
+    """Time one single-address lookup per string of the workload, then check the answers."""
+    lookup = single_lookup(implementation, table)
+    addresses = workload.lookup_strings
+    describe(benchmark, group, implementation, kind, method, len(addresses), workload.size)
+
+    def run() -> None:
+        for address in addresses:
+            lookup(address)
+
+    benchmark(run)
+    record_per_op(benchmark)
+    check_single(implementation, lookup, addresses, workload.expected)
+
+
 def slot_indices(table: Any, slots: Any, count: int) -> list[int]:
     """The inserted value (prefix index) behind each of the first ``count`` slots, -1 for no match."""
     return [-1 if slot == -1 else int(table.value_at(slot)) for slot in slots[:count]]
@@ -121,30 +147,17 @@ def test_lookup_str(
     """One ``lookup(str)`` per address from Python: text parsing plus the walk, per call."""
     workload = tables.ipv4(ipv4_size)
     table = tables.ipv4_table(implementation, ipv4_size)
-    lookup = single_lookup(implementation, table)
-    addresses = workload.lookup_strings
-    method = {"egresscore": "lookup(str)", "pytricia": "get(str)", "py-radix": "search_best(str)"}[
-        implementation
-    ]
-    describe(
+    if implementation == "egresscore":
+        benchmark.extra_info["memory_usage"] = table.memory_usage()
+    bench_single_lookups(
         benchmark,
         f"lookup-str-{workload.label}",
         implementation,
         "lookup-str",
-        method,
-        len(addresses),
-        ipv4_size,
+        SINGLE_METHODS[implementation],
+        table,
+        workload,
     )
-    if implementation == "egresscore":
-        benchmark.extra_info["memory_usage"] = table.memory_usage()
-
-    def run() -> None:
-        for address in addresses:
-            lookup(address)
-
-    benchmark(run)
-    record_per_op(benchmark)
-    check_single(implementation, lookup, addresses, workload.expected)
 
 
 # --- IPv4 batch lookups ----------------------------------------------------------------------------
@@ -203,25 +216,9 @@ def test_lookup_batch(
         assert not wrong, f"numpy proxy disagrees with the reference on {len(wrong)} addresses: {wrong[:5]}"
     else:
         table = tables.ipv4_table("pytricia", ipv4_size)
-        lookup = table.get
-        addresses = workload.lookup_strings
-        describe(
-            benchmark,
-            group,
-            implementation,
-            "lookup-batch",
-            "get(str), one call each",
-            len(addresses),
-            ipv4_size,
+        bench_single_lookups(
+            benchmark, group, implementation, "lookup-batch", "get(str), one call each", table, workload
         )
-
-        def run_single() -> None:
-            for address in addresses:
-                lookup(address)
-
-        benchmark(run_single)
-        record_per_op(benchmark)
-        check_single(implementation, lookup, addresses, workload.expected)
 
 
 # --- IPv6 ------------------------------------------------------------------------------------------
@@ -231,29 +228,15 @@ def test_lookup_batch(
 def test_lookup6_str(benchmark: BenchmarkFixture, tables: _workload.Tables, implementation: str) -> None:
     """``lookup(str)`` on the IPv6 table; pytricia is built with 128-bit keys."""
     workload = tables.ipv6()
-    table = tables.ipv6_table(implementation)
-    lookup = single_lookup(implementation, table)
-    addresses = workload.lookup_strings
-    method = {"egresscore": "lookup(str)", "pytricia": "get(str)", "py-radix": "search_best(str)"}[
-        implementation
-    ]
-    describe(
+    bench_single_lookups(
         benchmark,
         f"lookup6-str-{workload.label}",
         implementation,
         "lookup6-str",
-        method,
-        len(addresses),
-        workload.size,
+        SINGLE_METHODS[implementation],
+        tables.ipv6_table(implementation),
+        workload,
     )
-
-    def run() -> None:
-        for address in addresses:
-            lookup(address)
-
-    benchmark(run)
-    record_per_op(benchmark)
-    check_single(implementation, lookup, addresses, workload.expected)
 
 
 @pytest.mark.parametrize("implementation", ["egresscore", "pytricia"])
@@ -276,26 +259,15 @@ def test_lookup6_batch(benchmark: BenchmarkFixture, tables: _workload.Tables, im
         record_per_op(benchmark)
         check_slots(table, slots, workload.batch_count, workload.expected)
     else:
-        table = tables.ipv6_table("pytricia")
-        lookup = table.get
-        addresses = workload.lookup_strings
-        describe(
+        bench_single_lookups(
             benchmark,
             group,
             implementation,
             "lookup6-batch",
             "get(str), one call each",
-            len(addresses),
-            workload.size,
+            tables.ipv6_table("pytricia"),
+            workload,
         )
-
-        def run_single() -> None:
-            for address in addresses:
-                lookup(address)
-
-        benchmark(run_single)
-        record_per_op(benchmark)
-        check_single(implementation, lookup, addresses, workload.expected)
 
 
 # --- Build -----------------------------------------------------------------------------------------
