@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import os
+import pickle
 import random
 import select
 import signal
@@ -315,6 +316,16 @@ def test_construct_from_another_table(impl: TableClass) -> None:
     assert list(copy) == list(original)
     copy.remove("192.0.2.0/24")
     assert "192.0.2.0/24" in original
+
+
+def test_pickle_round_trip_keeps_prefixes_values_and_lookups(impl: TableClass) -> None:
+    original = impl({"192.0.2.0/24": "a", "192.0.2.128/25": "b", "0.0.0.0/0": "default", "2001:db8::/32": 6})
+    restored = pickle.loads(pickle.dumps(original))
+    assert type(restored) is impl
+    assert list(restored) == list(original)
+    assert restored.lookup("192.0.2.200") == "b"
+    assert restored.lookup("198.51.100.1") == "default"
+    assert restored.lookup("2001:db8::1") == 6
 
 
 def test_construct_with_duplicates_keeps_the_last_value(impl: TableClass) -> None:

@@ -65,7 +65,6 @@ cdef class PrefixTable:
     cdef bint lock_ready
 
     # Lookups: the GIL is not needed; batch callers hold the read lock.
-    cdef slot_t lookup_ipv4(self, uint32_t address) noexcept nogil
     cdef slot_t lookup_packed(self, const FamilyTrie *trie, const uint8_t *address,
                               int *matched_length) noexcept nogil
     cdef slot_t lookup_key(self, const IpKey *key, int *matched_length) noexcept nogil

@@ -759,29 +759,6 @@ cdef class PrefixTable:
 
     # -- lookups ------------------------------------------------------------------
 
-    cdef slot_t lookup_ipv4(self, uint32_t address) noexcept nogil:
-        """Longest match for an IPv4 address given as a host-order integer."""
-        cdef void *word
-        cdef LpmNode *node
-        cdef slot_t best, s
-        cdef uint32_t c, shift = 8
-        if self.v4.dir == NULL:
-            return NO_SLOT
-        word = self.v4.dir[address >> 16]
-        if dir_is_slot(word):
-            return <slot_t>(<uintptr_t>word >> 1)
-        node = <LpmNode *>word
-        best = node.short_best
-        while True:
-            c = (address >> shift) & 0xFF
-            s = node_runs(node)[run_index(node, c)]
-            best = s if s != NO_SLOT else best
-            # An IPv4 node at depth 24 (shift 0) never has children.
-            if not bit_is_set(child_bitmap(node), c):
-                return best
-            node = node_children(node)[child_index(node, c)]
-            shift -= 8
-
     cdef slot_t lookup_packed(self, const FamilyTrie *trie, const uint8_t *address,
                               int *matched_length) noexcept nogil:
         """Longest match for a packed address; its length goes to *matched_length*."""

@@ -298,6 +298,9 @@ class PrefixTable(Generic[_V]):
     def __iter__(self) -> Iterator[tuple[Network, _V]]:
         return iter(self._sorted_items())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._sorted_items(),))
+
     def memory_usage(self) -> int:
         with self._lock:
             return (
