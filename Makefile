@@ -43,8 +43,9 @@ demo: build
 
 # Every suite in benches/, saved as pytest-benchmark JSON under .benchmarks/.
 # Compare with the previous saved run: make bench BENCH_ARGS=--benchmark-compare
+# numpy's OpenBLAS worker threads spin after use and would compete for the 2 cores.
 bench: build
-	$(PY) -m pytest benches --benchmark-only --benchmark-autosave --benchmark-storage=.benchmarks $(BENCH_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest benches --benchmark-only --benchmark-autosave --benchmark-storage=.benchmarks $(BENCH_ARGS)
 
 lint: build
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
