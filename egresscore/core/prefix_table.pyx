@@ -81,6 +81,8 @@ cdef struct EmptyNode:
     slot_t runs[2]
 
 cdef EmptyNode EMPTY_NODE
+# new_node copies it as the start of every node.
+assert sizeof(EmptyNode) == node_size(1, 0, 0)
 memset(&EMPTY_NODE, 0, sizeof(EMPTY_NODE))
 EMPTY_NODE.header.runmap[0] = 1
 set_bases(EMPTY_NODE.header.runmap, EMPTY_NODE.header.run_base)
@@ -448,12 +450,9 @@ cdef class PrefixTable:
         cdef LpmNode *node = <LpmNode *>PyMem_RawMalloc(size)
         if node == NULL:
             raise MemoryError("cannot allocate a PrefixTable node")
-        memset(node, 0, size)
+        # EMPTY_NODE is exactly such a node: header, one NO_SLOT run and its padding.
+        memcpy(node, &EMPTY_NODE, size)
         node.short_best = short_best
-        node.runmap[0] = 1
-        set_bases(node.runmap, node.run_base)
-        node.nruns = 1
-        node_runs(node)[0] = NO_SLOT
         node.allocated_words = <uint16_t>(size // 8)
         self.node_bytes += size
         return node
@@ -1093,7 +1092,7 @@ cdef class PrefixTable:
         # Nothing between reading the table and owning references to its values may
         # allocate a Python object: that may run the garbage collector, finalisers and
         # so other threads, which could change the table and free slots under us.
-        cdef Py_ssize_t total = self.v4.count + self.v6.count, count, i
+        cdef Py_ssize_t total = self.v4.count + self.v6.count, count, captured, i
         cdef Entry *entries = <Entry *>PyMem_Malloc(max(total, 1) * sizeof(Entry))
         cdef void **references
         cdef PrefixTableIterator iterator
@@ -1106,7 +1105,8 @@ cdef class PrefixTable:
         if references == NULL:
             PyMem_Free(entries)
             raise MemoryError("cannot allocate a PrefixTable iteration snapshot")
-        for i in range(count if with_values else 0):
+        captured = count if with_values else 0
+        for i in range(captured):
             references[i] = self.values[entries[i].slot]
             Py_INCREF(<object>references[i])
         try:
@@ -1114,12 +1114,12 @@ cdef class PrefixTable:
             if with_values:
                 iterator.snapshot_values = PyList_New(count)
         except BaseException:
-            for i in range(count if with_values else 0):
+            for i in range(captured):
                 Py_DECREF(<object>references[i])
             PyMem_Free(references)
             PyMem_Free(entries)
             raise
-        for i in range(count if with_values else 0):
+        for i in range(captured):
             PyList_SET_ITEM(iterator.snapshot_values, i, <object>references[i])   # steals
         PyMem_Free(references)
         iterator.entries = entries
