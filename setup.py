@@ -18,6 +18,8 @@ if os.environ.get("EGRESSCORE_WERROR"):
 EXTENSION_MODULES = [
     "egresscore.core.inet",
     "egresscore.core.prefix_table",
+    "egresscore.core.packet",
+    "egresscore.core.snat_table",
 ]
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "KernelError",
     "PacketError",
     "PolicyError",
+    "SnapshotError",
     "TableFullError",
 ]
 
@@ -59,3 +60,7 @@ class PacketError(EgressCoreError, ValueError):
 
 class KernelError(EgressCoreError, OSError):
     """The kernel refused an operation; ``errno`` says why."""
+
+
+class SnapshotError(EgressCoreError, ValueError):
+    """A SNAT table snapshot could not be read: bad header, version or record."""
