@@ -69,8 +69,10 @@ cdef inline uint64_t apply_delta(uint8_t *field, uint64_t delta) noexcept nogil:
     return <uint16_t>(~old_sum) + <uint64_t>new_sum
 
 
-cdef inline uint64_t apply_delta_udp4(uint8_t *field, uint64_t delta) noexcept nogil:
+cdef inline uint64_t apply_delta_udp(uint8_t *field, uint64_t delta) noexcept nogil:
     # RFC 768: 0 means "no checksum" and stays 0; a computed 0 is transmitted as 0xFFFF.
+    # RFC 8200 section 8.1 keeps the 0xFFFF rule for IPv6, where 0 is invalid: such a
+    # packet is left as it came, for the receiver to drop.
     cdef uint16_t old_sum = load16(field)
     cdef uint16_t new_sum
     if old_sum == 0:

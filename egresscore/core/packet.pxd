@@ -58,7 +58,7 @@ ctypedef struct PacketView:
     uint8_t kind                # KIND_*
     uint8_t tcp_flags
     uint8_t pseudo_header       # the L4 checksum covers the IP pseudo-header (RFC 793/768/8200)
-    uint8_t udp4                # IPv4 UDP: checksum 0 means "none" (RFC 768)
+    uint8_t udp                 # UDP: checksum 0 stays 0, a computed 0 is sent as 0xFFFF
     uint8_t icmp_type
 
 

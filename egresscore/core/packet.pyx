@@ -11,7 +11,7 @@ from egresscore.core._types cimport uint8_t, uint16_t, uint32_t, uint64_t
 from egresscore.core.checksum cimport (
     apply_delta,
     apply_delta_partial,
-    apply_delta_udp4,
+    apply_delta_udp,
     load16,
     replace16,
     replace_words,
@@ -71,7 +71,7 @@ cdef uint8_t parse_l4(const uint8_t *data, uint32_t l4, uint32_t end, bint quote
     view.dst_port = 0
     view.tcp_flags = 0
     view.pseudo_header = 0
-    view.udp4 = 0
+    view.udp = 0
     view.icmp_type = 0
     view.kind = KIND_OTHER
     if l4 > end:
@@ -96,7 +96,7 @@ cdef uint8_t parse_l4(const uint8_t *data, uint32_t l4, uint32_t end, bint quote
                 view.l4_checksum_offset = l4 + 16
         else:
             view.l4_checksum_offset = l4 + 6
-            view.udp4 = view.family == 4
+            view.udp = 1
         view.kind = KIND_PORTS
         view.pseudo_header = 1
         view.src_port_offset = l4
@@ -135,13 +135,13 @@ cdef uint8_t parse_ipv4(const uint8_t *data, uint32_t offset, uint32_t end, bint
     if data[offset] >> 4 != 4:
         return VERDICT_DROP_MALFORMED
     header_length = (data[offset] & 0x0F) * 4
-    if header_length < 20:
+    total_length = load16(data + offset + 2)
+    # A header length the packet's own total length cannot hold is malformed, whatever
+    # the buffer holds; a buffer that stops inside a consistent header is truncated.
+    if header_length < 20 or total_length < header_length:
         return VERDICT_DROP_MALFORMED
     if header_length > end - offset:
         return VERDICT_DROP_TRUNCATED
-    total_length = load16(data + offset + 2)
-    if total_length < header_length:
-        return VERDICT_DROP_MALFORMED
     if total_length <= end - offset:
         end = offset + total_length
     elif not quoted:
@@ -183,8 +183,10 @@ cdef uint8_t parse_ipv6(const uint8_t *data, uint32_t offset, uint32_t end, bint
             if count == MAX_EXTENSION_HEADERS:
                 return VERDICT_DROP_MALFORMED
             count += 1
+            # The outer packet's bytes are all there (checked above): a chain running past
+            # its payload length is malformed. A quote may just have been cut short.
             if end - position < 8:
-                return VERDICT_DROP_TRUNCATED
+                return VERDICT_DROP_TRUNCATED if quoted else VERDICT_DROP_MALFORMED
             if next_header == IPPROTO_FRAGMENT:
                 # RFC 8200 section 4.5: the offset is the upper 13 bits of bytes 2-3.
                 if load16(data + position + 2) & 0xFFF8:
@@ -197,7 +199,7 @@ cdef uint8_t parse_ipv6(const uint8_t *data, uint32_t offset, uint32_t end, bint
                 # RFC 8200 section 4.3: length in 8-byte units, not counting the first 8.
                 header_length = (<uint32_t>data[position + 1] + 1) * 8
             if header_length > end - position:
-                return VERDICT_DROP_TRUNCATED
+                return VERDICT_DROP_TRUNCATED if quoted else VERDICT_DROP_MALFORMED
             next_header = data[position]
             position += header_length
         else:
@@ -247,8 +249,8 @@ cdef inline uint64_t fix_checksums(uint8_t *data, PacketView *view, uint64_t add
         # Only the pseudo-header is in a partial sum; the device adds the header words.
         if view.pseudo_header:
             apply_delta_partial(data + view.l4_checksum_offset, address_delta)
-    elif view.udp4:
-        field_delta += apply_delta_udp4(data + view.l4_checksum_offset, l4_delta)
+    elif view.udp:
+        field_delta += apply_delta_udp(data + view.l4_checksum_offset, l4_delta)
     else:
         field_delta += apply_delta(data + view.l4_checksum_offset, l4_delta)
     return field_delta

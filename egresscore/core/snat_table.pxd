@@ -7,9 +7,10 @@ from egresscore.includes.libc_extra cimport pthread_mutex_t
 cdef enum:
     # "No entry": an index never allocated (max_entries is at most 2**31).
     NIL = 0xFFFFFFFF
-    # Entries live in chunks of 2**16 so the array grows without moving a live entry.
-    CHUNK_SHIFT = 16
-    CHUNK_SIZE = 65536
+    # Entries live in chunks of 2**17 (10 MiB: exactly five 2 MiB huge pages) so the
+    # array grows without moving a live entry.
+    CHUNK_SHIFT = 17
+    CHUNK_SIZE = 131072
     # One expiry list per timeout: TCP's eight states, UDP and ICMP unreplied/replied.
     TIMER_CLASSES = 12
     # Port exhaustion counters: (egress, remote address) pairs remembered, then "overflow".
@@ -77,6 +78,14 @@ ctypedef struct FlowKey:
     uint8_t protocol
     uint8_t family
 
+ctypedef struct PreparedPacket:
+    # A packet parsed and hashed ahead of its translation, so that a batch can prefetch
+    # the hash bucket and the entry of the next packets while it translates this one.
+    PacketView view
+    FlowKey key
+    uint64_t hash
+    uint8_t status      # PARSE_OK, or the verdict already decided
+
 ctypedef struct EgressAddress:
     uint8_t address[16]
     uint8_t family
@@ -131,6 +140,7 @@ cdef class SnatTable:
     cdef bint lock_ready
     cdef tuple egress_objects
     cdef dict egress_cache
+    cdef uint64_t touched
 
     cdef FlowEntry *entry(self, uint32_t index) noexcept nogil
     cdef bint matches_original(self, const FlowEntry *e, const FlowKey *key) noexcept nogil
@@ -162,7 +172,10 @@ cdef class SnatTable:
                              object port_b) except -1
     cdef uint16_t find_egress(self, uint8_t family, const uint8_t *address) noexcept nogil
     cdef int check_record(self, const uint8_t *record, uint64_t r) except -1
-    cdef uint8_t translate_outbound_locked(self, uint8_t *data, uint32_t length, uint16_t egress_index,
-                                           bint partial, double now) noexcept nogil
-    cdef uint8_t translate_inbound_locked(self, uint8_t *data, uint32_t length, bint partial,
-                                          double now) noexcept nogil
+    cdef void prepare_outbound(self, const uint8_t *data, uint32_t length, uint16_t egress_index,
+                               PreparedPacket *p) noexcept nogil
+    cdef uint8_t finish_outbound(self, uint8_t *data, PreparedPacket *p, uint16_t egress_index,
+                                 bint partial, double now) noexcept nogil
+    cdef void prepare_inbound(self, const uint8_t *data, uint32_t length, PreparedPacket *p) noexcept nogil
+    cdef uint8_t finish_inbound(self, uint8_t *data, PreparedPacket *p, bint partial, double now) noexcept nogil
+    cdef void prefetch_buckets(self, PreparedPacket *group, Py_ssize_t count, bint reply) noexcept nogil

@@ -38,3 +38,11 @@ cdef extern from * nogil:
     # GCC/Clang builtins; setup.py enables the POPCNT instruction where the CPU has it.
     int __builtin_popcountll(unsigned long long x)
     void __builtin_prefetch(const void *addr)
+
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
+
+cdef extern from "<sys/mman.h>" nogil:
+    enum:
+        MADV_HUGEPAGE
+    int madvise(void *addr, size_t length, int advice)
