@@ -158,7 +158,7 @@ cdef class SnatTable:
     cdef bint live_or_free(self, uint32_t index, double now) noexcept nogil
     cdef uint32_t reclaim(self, double now, uint64_t budget) noexcept nogil
     cdef uint32_t reclaim_scan(self, double now, uint64_t budget) noexcept nogil
-    cdef bint evict_unreplied(self) noexcept nogil
+    cdef bint make_room(self, double now) noexcept nogil
     cdef bint reply_tuple_free(self, FlowKey *reply, uint16_t port, uint64_t *h, double now) noexcept nogil
     cdef void count_exhaustion(self, const FlowKey *original, uint16_t egress_index) noexcept nogil
     cdef uint8_t open_flow(self, const FlowKey *original, uint64_t original_hash, uint16_t egress_index,
