@@ -156,7 +156,7 @@ def _group_table(benchmarks: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _group_order(group: str) -> tuple[int, int, str]:
-    kinds = ["lookup-str-", "lookup-batch-", "lookup6-str-", "lookup6-batch-", "build-"]
+    kinds = ["lookup-str-", "lookup-batch-", "lookup6-str-", "lookup6-batch-", "build-", *SNAT_GROUP_ORDER]
     for position, kind in enumerate(kinds):
         if group.startswith(kind):
             label = group[len(kind) :]
@@ -266,16 +266,20 @@ def build_summary(config: pytest.Config, benchmarks: list[Any]) -> dict[str, Any
         _workload.size_label(count): {impl: result for (impl, n), result in memory.items() if n == count}
         for count in sorted({n for _, n in memory})
     }
+    targets.extend(snat_targets(config, groups))
     return {
         "mode": "quick" if quick_mode(config) else "full",
         "speedup_means": "peer mean time per operation / egresscore mean time per operation",
         "groups": groups,
         "memory": memory_rows,
+        "snat_memory": snat_memory_rows(config),
         "targets": targets,
     }
 
 
 def _format_ns(value: float) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:,.2f} s"
     if value >= 1e6:
         return f"{value / 1e6:,.2f} ms"
     if value >= 1e3:
@@ -327,6 +331,7 @@ def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
                     f"{label if position == 0 else '':<10}{implementation:<16}{row['rss_growth']:>14,} B"
                     f"{row['bytes_per_prefix']:>12,.1f}{own:>18}"
                 )
+    yield from snat_memory_lines(summary)
     yield ""
     yield "TARGETS"
     yield f"{'target':<62}{'measured':>16}  met"
@@ -359,3 +364,124 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         summary_path = path.with_name(f"{path.stem}.summary.json")
         summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         terminalreporter.write_line(f"summary written to {summary_path}")
+
+
+# === SNAT table (bench_snat_table.py) ==============================================================
+# Sizes, the memory probe's results, the SNAT lines of the summary and the SNAT targets. The speed
+# ratios against the pure-Python baseline (implementation "python-dict") are the group table's speedup
+# column; the targets below are absolute, egresscore's mean against the issue's limit.
+
+import _snat_workload  # noqa: E402
+
+SNAT_MEMORY_RESULTS: Final = pytest.StashKey[dict[tuple[str, int], dict[str, Any]]]()
+SNAT_GROUP_ORDER: Final = (
+    "snat-out-",
+    "snat-in-",
+    "snat-out1-",
+    "snat-new-",
+    "snat-snapshot-",
+    "snat-restore-",
+)
+SNAT_MAX_NS_PER_PACKET: Final = 100.0
+SNAT_MAX_NS_PER_NEW_FLOW: Final = 500.0
+SNAT_MAX_BYTES_PER_ENTRY: Final = 128.0
+SNAT_MAX_SNAPSHOT_MS: Final = 1000.0
+
+
+def snat_sizes_for(config: pytest.Config) -> _snat_workload.SnatSizes:
+    return _snat_workload.QUICK_SIZES if quick_mode(config) else _snat_workload.FULL_SIZES
+
+
+@pytest.fixture(scope="session")
+def snat_sizes(pytestconfig: pytest.Config) -> _snat_workload.SnatSizes:
+    """1M flows in a timed run, 10k in the smoke run (``EGRESSCORE_BENCH_SIZES`` overrides)."""
+    return snat_sizes_for(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def snat_memory_results(pytestconfig: pytest.Config) -> dict[tuple[str, int], dict[str, Any]]:
+    """(implementation, entries) -> the SNAT memory probe's report; read by the summary."""
+    return pytestconfig.stash.setdefault(SNAT_MEMORY_RESULTS, {})
+
+
+def _snat_ran(config: pytest.Config, groups: dict[str, dict[str, dict[str, Any]]]) -> bool:
+    return bool(config.stash.get(SNAT_MEMORY_RESULTS, {})) or any(g.startswith("snat-") for g in groups)
+
+
+def _egresscore_ns(groups: dict[str, dict[str, dict[str, Any]]], group: str) -> float | None:
+    value = groups.get(group, {}).get("egresscore", {}).get("ns_per_op")
+    return None if value is None else float(value)
+
+
+def snat_targets(config: pytest.Config, groups: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The issue's limits, measured-vs-target; none when no SNAT benchmark ran."""
+    if not _snat_ran(config, groups):
+        return []
+    sizes = snat_sizes_for(config)
+    label = sizes.label
+    snapshot_ns = _egresscore_ns(groups, f"snat-snapshot-{label}")
+    memory_label = _snat_workload.count_label(sizes.memory_entries)
+    probe = config.stash.get(SNAT_MEMORY_RESULTS, {}).get(("egresscore", sizes.memory_entries))
+    return [
+        _target(
+            f"SNAT batch, existing flows <= {SNAT_MAX_NS_PER_PACKET:g} ns/packet @ {label}",
+            _egresscore_ns(groups, f"snat-out-{label}"),
+            "<=",
+            SNAT_MAX_NS_PER_PACKET,
+            "ns",
+        ),
+        _target(
+            f"SNAT new flow <= {SNAT_MAX_NS_PER_NEW_FLOW:g} ns/flow @ {label}",
+            _egresscore_ns(groups, f"snat-new-{label}"),
+            "<=",
+            SNAT_MAX_NS_PER_NEW_FLOW,
+            "ns",
+        ),
+        _target(
+            f"SNAT memory <= {SNAT_MAX_BYTES_PER_ENTRY:g} B/entry (RSS) @ {memory_label}",
+            None if probe is None else float(probe["bytes_per_entry"]),
+            "<=",
+            SNAT_MAX_BYTES_PER_ENTRY,
+            "B/entry",
+        ),
+        _target(
+            f"SNAT memory <= {SNAT_MAX_BYTES_PER_ENTRY:g} B/entry (memory_usage) @ {memory_label}",
+            None if probe is None else float(probe["memory_usage_per_entry"]),
+            "<=",
+            SNAT_MAX_BYTES_PER_ENTRY,
+            "B/entry",
+        ),
+        _target(
+            f"SNAT snapshot < {SNAT_MAX_SNAPSHOT_MS:g} ms @ {label}",
+            None if snapshot_ns is None else snapshot_ns / 1e6,
+            "<",
+            SNAT_MAX_SNAPSHOT_MS,
+            "ms",
+        ),
+    ]
+
+
+def snat_memory_rows(config: pytest.Config) -> dict[str, dict[str, dict[str, Any]]]:
+    results = config.stash.get(SNAT_MEMORY_RESULTS, {})
+    return {
+        _snat_workload.count_label(count): {
+            impl: result for (impl, n), result in results.items() if n == count
+        }
+        for count in sorted({n for _, n in results})
+    }
+
+
+def snat_memory_lines(summary: dict[str, Any]) -> Iterator[str]:
+    if not summary.get("snat_memory"):
+        return
+    yield ""
+    yield "SNAT memory: RssAnon growth of a fresh process while it fills a table (max_entries = entries)"
+    yield f"{'entries':<10}{'implementation':<16}{'RSS growth':>16}{'B/entry':>12}{'memory_usage()':>18}"
+    for label, rows in summary["snat_memory"].items():
+        ordered = sorted(rows.items(), key=lambda item: (item[0] != "egresscore", item[0]))
+        for position, (implementation, row) in enumerate(ordered):
+            own = "" if row["memory_usage"] is None else f"{row['memory_usage']:,} B"
+            yield (
+                f"{label if position == 0 else '':<10}{implementation:<16}{row['rss_growth']:>14,} B"
+                f"{row['bytes_per_entry']:>12,.1f}{own:>18}"
+            )
