@@ -162,8 +162,9 @@ cdef const char *SNAPSHOT_MAGIC_C = b"EGSN"
 cdef enum:
     SNAPSHOT_HEADER_SIZE = 16
     SNAPSHOT_RECORD_SIZE = 64
-    # When a new flow finds the table full: expired entries looked at before evicting.
-    FULL_RECLAIM_BUDGET = 64
+    # When a new flow finds the table full: entries looked at per expiry list. Unreplied
+    # flows head their own lists (SYN_SENT, UDP and ICMP unreplied), so they are found.
+    FULL_RECLAIM_PER_LIST = 16
     # Packets a batch parses and prefetches ahead of translating them.
     BATCH_GROUP = 16
 
@@ -629,11 +630,11 @@ cdef class SnatTable:
         return freed
 
     cdef bint make_room(self, double now) noexcept nogil:
-        # A new flow found the table full. Walk the expiry lists from their heads (the
-        # longest-queued entries), at most FULL_RECLAIM_BUDGET entries: free the expired
+        # A new flow found the table full. Walk each expiry list from its head (the
+        # longest-queued entries), at most FULL_RECLAIM_PER_LIST entries each: free the expired
         # ones, and if that frees nothing, evict the unreplied entry that expires first
         # (Linux's early drop of unassured entries). Entries that saw a reply stay.
-        cdef uint64_t budget = FULL_RECLAIM_BUDGET
+        cdef uint64_t budget
         cdef uint32_t index, next_index
         cdef uint32_t victim = NIL
         cdef double best = INFINITY
@@ -641,6 +642,7 @@ cdef class SnatTable:
         cdef int c
         for c in range(TIMER_CLASSES):
             index = self.timer_head[c]
+            budget = FULL_RECLAIM_PER_LIST
             while index != NIL and budget > 0:
                 budget -= 1
                 e = self.entry(index)
