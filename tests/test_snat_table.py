@@ -1148,7 +1148,7 @@ def evicted_count(table: Any) -> int:
 
 
 def test_counters_have_the_documented_names() -> None:
-    """docs/snat.md: an eviction is counted under `entries_evicted`, a skipped record under `restore_skipped`."""
+    """docs/snat.md names the eviction and skipped-record counters."""
     counters = make_table([E4]).counters()
     assert {"entries_evicted", "restore_skipped"} <= set(counters), sorted(counters)
 
