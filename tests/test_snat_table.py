@@ -1142,9 +1142,9 @@ def test_ports_in_use_and_counts_by_state() -> None:
 
 
 def evicted_count(table: Any) -> int:
-    """``counters()["evicted"]`` (docs/snat.md); test_counters_have_the_documented_names pins the name."""
+    """``counters()["entries_evicted"]`` (docs/snat.md)."""
     counters = table.counters()
-    return int(counters["evicted"] if "evicted" in counters else counters["entries_evicted"])
+    return int(counters["entries_evicted"])
 
 
 def test_counters_have_the_documented_names() -> None:
