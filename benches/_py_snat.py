@@ -36,6 +36,8 @@ from typing import Final
 
 from typing_extensions import Buffer
 
+from egresscore.core.snat_table import DEFAULT_TIMEOUTS as _SNAT_DEFAULT_TIMEOUTS
+
 __all__ = ["DEFAULT_TIMEOUTS", "Flow", "PySnatTable"]
 
 # Verdicts (egresscore.Verdict).
@@ -74,19 +76,9 @@ FIN_NONE: Final = 0
 FIN_OUTBOUND: Final = 1
 FIN_INBOUND: Final = 2
 
-DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = {
-    "tcp_syn_sent": 120.0,
-    "tcp_syn_recv": 60.0,
-    "tcp_established": 432000.0,
-    "tcp_fin_wait": 120.0,
-    "tcp_close_wait": 60.0,
-    "tcp_last_ack": 30.0,
-    "tcp_time_wait": 120.0,
-    "tcp_close": 10.0,
-    "udp_unreplied": 30.0,
-    "udp_replied": 120.0,
-    "icmp": 30.0,
-}
+# The same configuration defaults as SnatTable (Linux conntrack's): the baseline differs in
+# how it works, not in what it is configured to do.
+DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = _SNAT_DEFAULT_TIMEOUTS
 _STATE_TIMEOUT_KEY: Final = {
     SYN_SENT: "tcp_syn_sent",
     SYN_RECV: "tcp_syn_recv",

@@ -324,6 +324,31 @@ def probe_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
+def run_memory_probe(benchmark: BenchmarkFixture, command: list[str], timeout: float) -> dict[str, Any]:
+    """Run a memory probe script once under ``benchmark`` and return the JSON it prints.
+
+    The time pytest-benchmark records is the probe's wall time; the result is the measurement.
+    """
+    environment = probe_environment()
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=timeout,
+            check=False,
+        )
+
+    completed = benchmark.pedantic(probe, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
+    assert completed.returncode == 0, (
+        f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr}"
+    )
+    result: dict[str, Any] = json.loads(completed.stdout)
+    return result
+
+
 @pytest.mark.parametrize("implementation", _workload.IMPLEMENTATIONS)
 def test_memory(
     benchmark: BenchmarkFixture,
@@ -340,23 +365,7 @@ def test_memory(
     label = _workload.size_label(memory_size)
     benchmark.group = f"memory-{label}"
     command = [sys.executable, str(PROBE), implementation, str(memory_size), str(prefix_file(memory_size))]
-    environment = probe_environment()
-
-    def probe() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=PROBE_TIMEOUT_SECONDS,
-            check=False,
-        )
-
-    completed = benchmark.pedantic(probe, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
-    assert completed.returncode == 0, (
-        f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr}"
-    )
-    result = json.loads(completed.stdout)
+    result = run_memory_probe(benchmark, command, PROBE_TIMEOUT_SECONDS)
     assert result["prefixes"] == memory_size
     benchmark.extra_info.update(result, kind="memory", ops_per_round=1)
     memory_results[(implementation, memory_size)] = result

@@ -25,8 +25,6 @@ instead of measuring nothing.
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from _py_snat import PySnatTable
-from bench_prefix_table import probe_environment
+from bench_prefix_table import run_memory_probe
 from pytest_benchmark.fixture import BenchmarkFixture
 
 IMPLEMENTATIONS: Final = ("egresscore", "python-dict")
@@ -522,23 +520,7 @@ def test_memory(
     count = snat_sizes.memory_entries
     benchmark.group = f"snat-memory-{workload.count_label(count)}"
     command = [sys.executable, str(PROBE), implementation, str(count)]
-    environment = probe_environment()
-
-    def probe() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=environment,
-            timeout=PROBE_TIMEOUT_SECONDS,
-            check=False,
-        )
-
-    completed = benchmark.pedantic(probe, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
-    assert completed.returncode == 0, (
-        f"{' '.join(command)} exited {completed.returncode}:\n{completed.stderr}"
-    )
-    result = json.loads(completed.stdout)
+    result = run_memory_probe(benchmark, command, PROBE_TIMEOUT_SECONDS)
     assert result["entries"] == count
     benchmark.extra_info.update(result, kind="memory", ops_per_round=1)
     snat_memory_results[(implementation, count)] = result

@@ -165,6 +165,14 @@ cdef class SnatTable:
                            const PacketView *view, double now, uint32_t *out) noexcept nogil
     cdef double advance_clock(self, double now) noexcept nogil
     cdef uint16_t egress_index_of(self, object egress_ip) except? 0xFFFF
+    cdef void translate_run(self, bint inbound, uint8_t *base, const uint32_t *offsets, Py_ssize_t n,
+                            const uint16_t *index_of, Py_ssize_t index_stride,
+                            const uint8_t *partial_of, Py_ssize_t partial_stride,
+                            uint8_t *out, double now) noexcept nogil
+    cdef uint8_t translate_one(self, bint inbound, object packet, uint16_t egress_index, bint partial,
+                               double now) except 0xFF
+    cdef object translate_many(self, bint inbound, object buffer, object offsets, object egress_ip,
+                               object egress_indices, object checksum_partial, object verdicts, double now)
     cdef Py_ssize_t check_batch(self, uint8_t[::1] buffer, const uint32_t[::1] offsets,
                                 object checksum_partial, object verdicts) except -1
     cdef object entry_object(self, const FlowEntry *e)

@@ -940,54 +940,75 @@ cdef class SnatTable:
             f"egress IP {egress_ip!r} is not configured in this table: expected one of "
             f"{', '.join(str(address) for address in self.egress_objects)}")
 
+    cdef void translate_run(self, bint inbound, uint8_t *base, const uint32_t *offsets, Py_ssize_t n,
+                            const uint16_t *index_of, Py_ssize_t index_stride,
+                            const uint8_t *partial_of, Py_ssize_t partial_stride,
+                            uint8_t *out, double now) noexcept nogil:
+        # Every translation, single or batch: packet i is base[offsets[i]:offsets[i + 1]];
+        # per-packet settings are read through a pointer and a stride of 1, or 0 for one value.
+        cdef PreparedPacket group[BATCH_GROUP]
+        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t j, count
+        cdef uint8_t result
+        pthread_mutex_lock(&self.lock)
+        now = self.advance_clock(now)
+        self.reclaim(now, <uint64_t>self.reclaim_budget * <uint64_t>n)
+        while i < n:
+            count = n - i if n - i < BATCH_GROUP else BATCH_GROUP
+            for j in range(count):
+                if inbound:
+                    self.prepare_inbound(base + offsets[i + j], offsets[i + j + 1] - offsets[i + j], &group[j])
+                else:
+                    self.prepare_outbound(base + offsets[i + j], offsets[i + j + 1] - offsets[i + j],
+                                          index_of[(i + j) * index_stride], &group[j])
+            self.prefetch_buckets(group, count, inbound)
+            for j in range(count):
+                if inbound:
+                    result = self.finish_inbound(base + offsets[i + j], &group[j],
+                                                 partial_of[(i + j) * partial_stride] != 0, now)
+                else:
+                    result = self.finish_outbound(base + offsets[i + j], &group[j], index_of[(i + j) * index_stride],
+                                                  partial_of[(i + j) * partial_stride] != 0, now)
+                out[i + j] = result
+                self.verdicts[inbound][result] += 1
+            i += count
+        pthread_mutex_unlock(&self.lock)
+
+    cdef uint8_t translate_one(self, bint inbound, object packet, uint16_t egress_index, bint partial,
+                               double now) except 0xFF:
+        cdef Py_buffer buffer
+        cdef uint32_t offsets[2]
+        cdef uint8_t partial_byte = partial
+        cdef uint8_t result
+        try:
+            PyObject_GetBuffer(packet, &buffer, PyBUF_WRITABLE | PyBUF_SIMPLE)
+        except (BufferError, TypeError) as error:
+            raise TypeError(
+                f"packet: expected a writable buffer such as a bytearray, got {type(packet).__name__}") from error
+        try:
+            if buffer.len > 0xFFFFFFFF:
+                raise ValueError(f"packet of {buffer.len} bytes: expected at most 4 GiB")
+            offsets[0] = 0
+            offsets[1] = <uint32_t>buffer.len
+            with nogil:
+                self.translate_run(inbound, <uint8_t *>buffer.buf, offsets, 1, &egress_index, 0,
+                                   &partial_byte, 0, &result, now)
+        finally:
+            PyBuffer_Release(&buffer)
+        return result
+
     def translate_outbound(self, packet, egress_ip, double now, *, bint checksum_partial=False):
         """Translate a packet from a pod (source → egress IP and port) in place.
 
         Opens a flow on the first packet. Returns a :class:`Verdict`; the packet is
         changed only when the verdict is ``TRANSLATED``.
         """
-        cdef uint16_t egress_index = self.egress_index_of(egress_ip)
-        cdef Py_buffer buffer
-        cdef PreparedPacket prepared
-        cdef uint8_t result
-        if PyObject_GetBuffer(packet, &buffer, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0:
-            raise TypeError(f"packet: expected a writable buffer such as a bytearray, got {type(packet).__name__}")
-        try:
-            if buffer.len > 0xFFFFFFFF:
-                raise ValueError(f"packet of {buffer.len} bytes: expected at most 4 GiB")
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-                now = self.advance_clock(now)
-                self.reclaim(now, self.reclaim_budget)
-                self.prepare_outbound(<uint8_t *>buffer.buf, <uint32_t>buffer.len, egress_index, &prepared)
-                result = self.finish_outbound(<uint8_t *>buffer.buf, &prepared, egress_index, checksum_partial, now)
-                self.verdicts[0][result] += 1
-                pthread_mutex_unlock(&self.lock)
-        finally:
-            PyBuffer_Release(&buffer)
-        return VERDICT_OBJECTS[result]
+        return VERDICT_OBJECTS[self.translate_one(False, packet, self.egress_index_of(egress_ip),
+                                                  checksum_partial, now)]
 
     def translate_inbound(self, packet, double now, *, bint checksum_partial=False):
         """Translate a packet to an egress IP back to its pod, in place. Returns a :class:`Verdict`."""
-        cdef Py_buffer buffer
-        cdef PreparedPacket prepared
-        cdef uint8_t result
-        if PyObject_GetBuffer(packet, &buffer, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0:
-            raise TypeError(f"packet: expected a writable buffer such as a bytearray, got {type(packet).__name__}")
-        try:
-            if buffer.len > 0xFFFFFFFF:
-                raise ValueError(f"packet of {buffer.len} bytes: expected at most 4 GiB")
-            with nogil:
-                pthread_mutex_lock(&self.lock)
-                now = self.advance_clock(now)
-                self.reclaim(now, self.reclaim_budget)
-                self.prepare_inbound(<uint8_t *>buffer.buf, <uint32_t>buffer.len, &prepared)
-                result = self.finish_inbound(<uint8_t *>buffer.buf, &prepared, checksum_partial, now)
-                self.verdicts[1][result] += 1
-                pthread_mutex_unlock(&self.lock)
-        finally:
-            PyBuffer_Release(&buffer)
-        return VERDICT_OBJECTS[result]
+        return VERDICT_OBJECTS[self.translate_one(True, packet, 0, checksum_partial, now)]
 
     cdef Py_ssize_t check_batch(self, uint8_t[::1] buffer, const uint32_t[::1] offsets,
                                 object checksum_partial, object verdicts) except -1:
@@ -1014,16 +1035,8 @@ cdef class SnatTable:
                 raise ValueError(f"{name} has {len(memoryview(value).cast('B'))} items: expected {n}, one per packet")
         return n
 
-    def translate_outbound_many(self, buffer, offsets, egress_ip, double now, *, egress_indices=None,
-                                checksum_partial=None, verdicts=None):
-        """Translate many packets from pods held in one buffer, without the GIL.
-
-        Packet i is ``buffer[offsets[i]:offsets[i + 1]]`` (``offsets``: n + 1 uint32).
-        Every packet uses ``egress_ip``, or, when it is None, the egress IP at
-        ``egress_indices[i]`` (uint16, indices into :attr:`egress_ips`).
-        ``checksum_partial``: optional uint8 per packet. The verdicts are written to
-        ``verdicts`` (uint8 per packet), or to a new ``array('B')``, which is returned.
-        """
+    cdef object translate_many(self, bint inbound, object buffer, object offsets, object egress_ip,
+                               object egress_indices, object checksum_partial, object verdicts, double now):
         cdef uint8_t[::1] data = buffer
         cdef const uint32_t[::1] offs = offsets
         cdef const uint16_t[::1] indices
@@ -1031,17 +1044,15 @@ cdef class SnatTable:
         cdef uint8_t[::1] out
         cdef uint16_t single_index = 0
         cdef uint8_t no_partial = 0
-        # Per-packet settings are read through a pointer and a stride of 1, or 0 for one value.
         cdef const uint16_t *index_of = &single_index
         cdef Py_ssize_t index_stride = 0
         cdef const uint8_t *partial_of = &no_partial
         cdef Py_ssize_t partial_stride = 0
         cdef Py_ssize_t n = self.check_batch(data, offs, checksum_partial, verdicts)
-        cdef Py_ssize_t i, j, count
-        cdef PreparedPacket group[BATCH_GROUP]
-        cdef uint8_t result
+        cdef Py_ssize_t i
         cdef uint8_t *base
-        if egress_ip is None:
+        cdef uint8_t *out_of
+        if not inbound and egress_ip is None:
             if egress_indices is None:
                 raise ValueError("egress_ip is None and no egress_indices: expected one of them")
             indices = egress_indices
@@ -1054,7 +1065,7 @@ cdef class SnatTable:
             if n > 0:
                 index_of = &indices[0]
                 index_stride = 1
-        else:
+        elif not inbound:
             if egress_indices is not None:
                 raise ValueError("both egress_ip and egress_indices given: expected one of them")
             single_index = self.egress_index_of(egress_ip)
@@ -1065,68 +1076,31 @@ cdef class SnatTable:
         result_object = array("B", bytes(n)) if verdicts is None else verdicts
         out = result_object
         base = &data[0] if data.shape[0] > 0 else NULL
+        out_of = &out[0] if n > 0 else NULL
         with nogil:
-            pthread_mutex_lock(&self.lock)
-            now = self.advance_clock(now)
-            self.reclaim(now, <uint64_t>self.reclaim_budget * <uint64_t>n)
-            i = 0
-            while i < n:
-                count = n - i if n - i < BATCH_GROUP else BATCH_GROUP
-                for j in range(count):
-                    self.prepare_outbound(base + offs[i + j], offs[i + j + 1] - offs[i + j],
-                                          index_of[(i + j) * index_stride], &group[j])
-                self.prefetch_buckets(group, count, False)
-                for j in range(count):
-                    result = self.finish_outbound(base + offs[i + j], &group[j], index_of[(i + j) * index_stride],
-                                                  partial_of[(i + j) * partial_stride] != 0, now)
-                    out[i + j] = result
-                    self.verdicts[0][result] += 1
-                i += count
-            pthread_mutex_unlock(&self.lock)
+            self.translate_run(inbound, base, &offs[0], n, index_of, index_stride, partial_of, partial_stride,
+                               out_of, now)
         return result_object
+
+    def translate_outbound_many(self, buffer, offsets, egress_ip, double now, *, egress_indices=None,
+                                checksum_partial=None, verdicts=None):
+        """Translate many packets from pods held in one buffer, without the GIL.
+
+        Packet i is ``buffer[offsets[i]:offsets[i + 1]]`` (``offsets``: n + 1 uint32).
+        Every packet uses ``egress_ip``, or, when it is None, the egress IP at
+        ``egress_indices[i]`` (uint16, indices into :attr:`egress_ips`).
+        ``checksum_partial``: optional uint8 per packet. The verdicts are written to
+        ``verdicts`` (uint8 per packet), or to a new ``array('B')``, which is returned.
+        """
+        return self.translate_many(False, buffer, offsets, egress_ip, egress_indices, checksum_partial,
+                                   verdicts, now)
 
     def translate_inbound_many(self, buffer, offsets, double now, *, checksum_partial=None, verdicts=None):
         """Translate many packets to egress IPs back to their pods, without the GIL.
 
         Buffers as in :meth:`translate_outbound_many`.
         """
-        cdef uint8_t[::1] data = buffer
-        cdef const uint32_t[::1] offs = offsets
-        cdef const uint8_t[::1] partial
-        cdef uint8_t[::1] out
-        cdef uint8_t no_partial = 0
-        cdef const uint8_t *partial_of = &no_partial
-        cdef Py_ssize_t partial_stride = 0
-        cdef Py_ssize_t n = self.check_batch(data, offs, checksum_partial, verdicts)
-        cdef Py_ssize_t i, j, count
-        cdef PreparedPacket group[BATCH_GROUP]
-        cdef uint8_t result
-        cdef uint8_t *base
-        if checksum_partial is not None and n > 0:
-            partial = checksum_partial
-            partial_of = &partial[0]
-            partial_stride = 1
-        result_object = array("B", bytes(n)) if verdicts is None else verdicts
-        out = result_object
-        base = &data[0] if data.shape[0] > 0 else NULL
-        with nogil:
-            pthread_mutex_lock(&self.lock)
-            now = self.advance_clock(now)
-            self.reclaim(now, <uint64_t>self.reclaim_budget * <uint64_t>n)
-            i = 0
-            while i < n:
-                count = n - i if n - i < BATCH_GROUP else BATCH_GROUP
-                for j in range(count):
-                    self.prepare_inbound(base + offs[i + j], offs[i + j + 1] - offs[i + j], &group[j])
-                self.prefetch_buckets(group, count, True)
-                for j in range(count):
-                    result = self.finish_inbound(base + offs[i + j], &group[j],
-                                                 partial_of[(i + j) * partial_stride] != 0, now)
-                    out[i + j] = result
-                    self.verdicts[1][result] += 1
-                i += count
-            pthread_mutex_unlock(&self.lock)
-        return result_object
+        return self.translate_many(True, buffer, offsets, None, None, checksum_partial, verdicts, now)
 
     # -----------------------------------------------------------------------------------
     # Introspection.
