@@ -17,6 +17,7 @@ __all__ = [
     "KernelError",
     "PacketError",
     "PolicyError",
+    "PolicyErrorGroup",
     "SnapshotError",
     "TableFullError",
 ]
@@ -48,6 +49,25 @@ class PolicyError(EgressCoreError, ValueError):
         self.path = path
         where = ": ".join(part for part in (source, document, path) if part)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class PolicyErrorGroup(PolicyError):
+    """Every error found in a set of policy and endpoint files.
+
+    ``errors`` lists them all, in file and document order; the message is the first
+    error and how many more there are. Raised by ``egresscore.policy.load_files`` so
+    that an operator sees every fault at once.
+    """
+
+    def __init__(self, errors: list[PolicyError]) -> None:
+        if not errors:
+            raise ValueError("PolicyErrorGroup needs at least one error")
+        self.errors = list(errors)
+        first = errors[0]
+        more = len(errors) - 1
+        suffix = f" (and {more} more error{'s' if more != 1 else ''})" if more else ""
+        PolicyError.__init__(self, str(first) + suffix)
+        self.source, self.document, self.path = first.source, first.document, first.path
 
 
 class TableFullError(EgressCoreError):
