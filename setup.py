@@ -20,6 +20,8 @@ EXTENSION_MODULES = [
     "egresscore.core.prefix_table",
     "egresscore.core.packet",
     "egresscore.core.snat_table",
+    "egresscore.core.selector",
+    "egresscore.core.classifier",
 ]
 
 
