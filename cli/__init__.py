@@ -10,7 +10,7 @@ import sys
 import click
 
 from egresscore import __version__
-from egresscore.errors import EgressCoreError
+from egresscore.errors import EgressCoreError, PolicyErrorGroup
 from egresscore.prefix_file import load_prefix_file
 
 __all__ = ["main"]
@@ -37,6 +37,62 @@ def lookup(table_file: str, addresses: tuple[str, ...]) -> None:
                 click.echo(f"{address}\t{match[0]}\t{match[1]}")
     except EgressCoreError as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@click.option(
+    "-f",
+    "--file",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Policy, inventory or ClusterNetwork file (YAML or JSON); repeat for several.",
+)
+@click.option("--node", "local_node", default=None, help="Decide as this node (its gateway flows are SNAT).")
+@click.argument("source")
+@click.argument("destination")
+def explain(files: tuple[str, ...], local_node: str | None, source: str, destination: str) -> None:
+    """Say what happens to a packet from SOURCE to DESTINATION, and why."""
+    from egresscore.policy.explain import explain as explain_packet
+    from egresscore.policy.loader import load_files
+
+    try:
+        policy_set = load_files(files)
+        click.echo(str(explain_packet(policy_set, source, destination, local_node)))
+    except PolicyErrorGroup as group:
+        for error in group.errors:
+            click.echo(str(error), err=True)
+        raise click.ClickException(f"{len(group.errors)} error(s) in the policy files") from None
+    except EgressCoreError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.group()
+def policy() -> None:
+    """Policy files: validate them."""
+
+
+@policy.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(files: tuple[str, ...]) -> None:
+    """Check FILES (YAML or JSON documents); print every error with its location."""
+    from egresscore.policy.compiler import compile_policies
+    from egresscore.policy.loader import load_files, validate_files
+
+    errors = validate_files(files)
+    if errors:
+        for error in errors:
+            click.echo(str(error))
+        raise click.ClickException(f"{len(errors)} error(s) in {len(files)} file(s)")
+    policy_set = load_files(files)
+    classifier = compile_policies(policy_set)
+    inventory = policy_set.inventory
+    click.echo(
+        f"ok: {len(policy_set.policies)} policies ({classifier.policy_count} compiled), "
+        f"{len(inventory.endpoints)} endpoints, {len(inventory.namespaces)} namespaces, "
+        f"{len(inventory.nodes)} nodes, {len(classifier.gateways)} gateway addresses"
+    )
 
 
 @main.command()
