@@ -156,7 +156,15 @@ def _group_table(benchmarks: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _group_order(group: str) -> tuple[int, int, str]:
-    kinds = ["lookup-str-", "lookup-batch-", "lookup6-str-", "lookup6-batch-", "build-", *SNAT_GROUP_ORDER]
+    kinds = [
+        "lookup-str-",
+        "lookup-batch-",
+        "lookup6-str-",
+        "lookup6-batch-",
+        "build-",
+        *SNAT_GROUP_ORDER,
+        *CLASSIFIER_GROUP_ORDER,
+    ]
     for position, kind in enumerate(kinds):
         if group.startswith(kind):
             label = group[len(kind) :]
@@ -267,6 +275,7 @@ def build_summary(config: pytest.Config, benchmarks: list[Any]) -> dict[str, Any
         for count in sorted({n for _, n in memory})
     }
     targets.extend(snat_targets(config, groups))
+    targets.extend(classifier_targets(groups))
     return {
         "mode": "quick" if quick_mode(config) else "full",
         "speedup_means": "peer mean time per operation / egresscore mean time per operation",
@@ -485,3 +494,45 @@ def snat_memory_lines(summary: dict[str, Any]) -> Iterator[str]:
                 f"{label if position == 0 else '':<10}{implementation:<16}{row['rss_growth']:>14,} B"
                 f"{row['bytes_per_entry']:>12,.1f}{own:>18}"
             )
+
+
+# === Classifier (bench_classifier.py) ==============================================================
+# The issue's limits for 1,000 policies, 10,000 endpoints and 100,000 prefixes; the ratios against the
+# pure-Python classifier (implementation "python-reference") are the group table's speedup column.
+
+CLASSIFIER_GROUP_ORDER: Final = ("classify-batch-", "classify-single-", "classify-compile-")
+CLASSIFIER_MAX_BATCH_NS: Final = 100.0
+CLASSIFIER_MAX_SINGLE_NS: Final = 1000.0
+CLASSIFIER_MAX_COMPILE_MS: Final = 1000.0
+
+
+def classifier_targets(groups: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Measured-vs-target for every classifier size that ran; none when no classifier benchmark ran."""
+    labels = sorted({g.split("-", 2)[2] for g in groups if g.startswith(CLASSIFIER_GROUP_ORDER)})
+    targets = []
+    for label in labels:
+        compile_ns = _egresscore_ns(groups, f"classify-compile-{label}")
+        targets += [
+            _target(
+                f"classify_many <= {CLASSIFIER_MAX_BATCH_NS:g} ns/packet @ {label}",
+                _egresscore_ns(groups, f"classify-batch-{label}"),
+                "<=",
+                CLASSIFIER_MAX_BATCH_NS,
+                "ns",
+            ),
+            _target(
+                f"classify() <= {CLASSIFIER_MAX_SINGLE_NS:g} ns/call @ {label}",
+                _egresscore_ns(groups, f"classify-single-{label}"),
+                "<=",
+                CLASSIFIER_MAX_SINGLE_NS,
+                "ns",
+            ),
+            _target(
+                f"recompile < {CLASSIFIER_MAX_COMPILE_MS:g} ms @ {label}",
+                None if compile_ns is None else compile_ns / 1e6,
+                "<",
+                CLASSIFIER_MAX_COMPILE_MS,
+                "ms",
+            ),
+        ]
+    return targets
