@@ -7,7 +7,8 @@ baseline, so it does the obvious work but not absurd work:
 
 - at construction: the endpoints by IP (a dict), the cluster-internal destinations
   (a dict per prefix length of masked networks), the policies that select each
-  endpoint (a set per endpoint, from :func:`reference.selectors.evaluate`), and the
+  endpoint (a set per endpoint, from :func:`reference.selectors.evaluate`, run on the
+  pods that carry a label value the selector requires), and the
   candidates of each destination prefix (a dict per prefix length, each list already
   in the order of docs/policy.md, so the first candidate whose policy selects the
   source wins);
