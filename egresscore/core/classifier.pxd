@@ -47,6 +47,11 @@ cdef class Classifier:
     cdef PrefixTable sources         # host prefixes -> endpoint index
     cdef PrefixTable destinations    # prefixes; a slot is a DstNode index
     cdef uint32_t *endpoint_of_slot
+    # IPv4 sources: open addressing, keys and endpoint indices (NO_NODE: empty).
+    cdef uint32_t *source_keys
+    cdef uint32_t *source_values
+    cdef uint32_t source_mask
+    cdef uint32_t source_shift
     cdef DstNode *nodes
     cdef Candidate *candidates
     cdef uint64_t *node_bitmaps       # rows of unit_words, for nodes with many candidates
@@ -72,6 +77,8 @@ cdef class Classifier:
     cdef uint32_t decide_endpoint(self, uint32_t endpoint, uint32_t n, int family, const uint64_t *src_words,
                                   const uint64_t *dst_words, uint32_t *unit_out) noexcept nogil
     cdef int build_destinations(self, destinations, internal) except -1
+    cdef int build_source_hash(self, endpoint_addresses) except -1
+    cdef uint32_t source_endpoint(self, uint32_t address) noexcept nogil
     cdef int flatten_chains(self) except -1
     cdef const Candidate *first_selected(self, const DstNode *node, const uint64_t *units) noexcept nogil
     cdef uint32_t choose_gateway(self, const RuleInfo *rule, int family, uint32_t endpoint,
