@@ -64,6 +64,8 @@ cdef class Classifier:
     cdef Py_ssize_t unit_words
     cdef Py_ssize_t nendpoints
     cdef Py_ssize_t nnodes
+    cdef Py_ssize_t ncandidates
+    cdef Py_ssize_t bitmap_words
     cdef Py_ssize_t nunits
     cdef Py_ssize_t nrules
     cdef Py_ssize_t ngateways
@@ -86,3 +88,4 @@ cdef class Classifier:
     cdef void classify_batch(self, const uint32_t *pairs4, const uint8_t *pairs6, Py_ssize_t count,
                              uint32_t *out) noexcept nogil
     cdef object decision(self, uint32_t code, uint32_t unit)
+    cdef int classify_one(self, src, dst, uint32_t *code, uint32_t *unit) except -1

@@ -41,7 +41,6 @@ class Decision(NamedTuple):
 RULE_REDIRECT: int
 RULE_PASS: int
 RULE_DROP: int
-NO_GATEWAY_INDEX: int
 
 AddressLike = str | bytes | IPv4Address | IPv6Address
 

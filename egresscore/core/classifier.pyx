@@ -115,10 +115,6 @@ cdef enum:
     R_NO_GATEWAY = 6
     R_GATEWAY = 7
 
-#: No gateway in a decision code: (code >> 8) == 0.
-NO_GATEWAY_INDEX = -1
-
-
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     # splitmix64's finaliser (Steele, Lea, Flood 2014): every input bit affects every
     # output bit, so consecutive addresses get unrelated scores.
@@ -441,6 +437,7 @@ cdef class Classifier:
             self.nodes = <DstNode *>calloc(self.nnodes + 1, sizeof(DstNode))
             self.candidates = <Candidate *>malloc((ncand + 1) * sizeof(Candidate))
             self.node_bitmaps = <uint64_t *>calloc(long_lists * self.unit_words + 1, sizeof(uint64_t))
+            self.bitmap_words = long_lists * self.unit_words
             if self.nodes == NULL or self.candidates == NULL or self.node_bitmaps == NULL:
                 raise MemoryError()
             self.destinations = PrefixTable()
@@ -545,6 +542,7 @@ cdef class Classifier:
                 self.nodes[n].parent = continuation[n]
                 total += flat_count[n]
             self.candidates = flat
+            self.ncandidates = total
             flat = NULL
             free(own_lists)
         finally:
@@ -768,14 +766,11 @@ cdef class Classifier:
         self.decision_cache[key] = result
         return result
 
-    def classify(self, src, dst):
-        """The ``Decision`` for a packet from ``src`` to ``dst`` (addresses as text,
-        ``ipaddress`` objects or packed bytes; both of one family)."""
+    cdef int classify_one(self, src, dst, uint32_t *code, uint32_t *unit) except -1:
+        """The code and deciding unit for one packet given as Python addresses."""
         cdef IpKey s, d
         cdef uint64_t src_words[2]
         cdef uint64_t dst_words[2]
-        cdef uint32_t unit, code
-        cdef slot_t src_slot, dst_slot
         coerce_address(src, None, &s)
         coerce_address(dst, None, &d)
         if s.family != d.family:
@@ -784,28 +779,22 @@ cdef class Classifier:
                 "expected two addresses of one family")
         words_of(s.family, s.addr, src_words)
         words_of(d.family, d.addr, dst_words)
-        src_slot = self.sources.lookup_key(&s, NULL)
-        dst_slot = self.destinations.lookup_key(&d, NULL)
-        code = self.decide(src_slot, dst_slot, s.family, src_words, dst_words, &unit)
+        code[0] = self.decide(self.sources.lookup_key(&s, NULL), self.destinations.lookup_key(&d, NULL),
+                              s.family, src_words, dst_words, unit)
+        return 0
+
+    def classify(self, src, dst):
+        """The ``Decision`` for a packet from ``src`` to ``dst`` (addresses as text,
+        ``ipaddress`` objects or packed bytes; both of one family)."""
+        cdef uint32_t unit, code
+        self.classify_one(src, dst, &code, &unit)
         return self.decision(code, unit)
 
     def classify_code(self, src, dst):
         """``(code, unit)`` for one packet: the batch code and the deciding unit's index
         (-1 for none); for tools that explain a decision."""
-        cdef IpKey s, d
-        cdef uint64_t src_words[2]
-        cdef uint64_t dst_words[2]
         cdef uint32_t unit, code
-        coerce_address(src, None, &s)
-        coerce_address(dst, None, &d)
-        if s.family != d.family:
-            raise InvalidAddressError(
-                f"source {src!r} is IPv{s.family} but destination {dst!r} is IPv{d.family}: "
-                "expected two addresses of one family")
-        words_of(s.family, s.addr, src_words)
-        words_of(d.family, d.addr, dst_words)
-        code = self.decide(self.sources.lookup_key(&s, NULL), self.destinations.lookup_key(&d, NULL),
-                           s.family, src_words, dst_words, &unit)
+        self.classify_one(src, dst, &code, &unit)
         return code, (-1 if unit == NO_UNIT else <Py_ssize_t>unit)
 
     def decode(self, code):
@@ -862,10 +851,14 @@ cdef class Classifier:
 
     @property
     def policy_count(self):
+        """Compiled policy units: one per policy, or per policy and client namespace
+        where its gateway pods default to the client's namespace."""
         return self.nunits
 
     def memory_usage(self):
         """Bytes held by the compiled tables (prefix tables included)."""
         return (self.sources.memory_usage() + self.destinations.memory_usage()
-                + self.nnodes * sizeof(DstNode) + self.nendpoints * (self.unit_words * 8 + 5)
+                + self.nnodes * sizeof(DstNode) + self.ncandidates * sizeof(Candidate)
+                + self.bitmap_words * 8 + (self.source_mask + 1) * 8
+                + self.nendpoints * (self.unit_words * 8 + 9)
                 + self.nrules * sizeof(RuleInfo) + self.ngateways * sizeof(GatewayInfo))

@@ -58,10 +58,10 @@ __all__ = ["Compiler", "Unit", "compile_policies", "gateway_id", "match_selector
 
 NO_INDEX = 0xFFFFFFFF
 
-#: Tie-break of equal names across formats (docs/policy.md, "Order").
-KIND_ORDER = {"CiliumEgressGatewayPolicy": 0, "EgressGatewayPolicy": 1, "EgressPolicy": 2}
+#: The kind of the implicit policies made from Calico's selector annotations.
 IMPLICIT_KIND = "CalicoAnnotations"
-KIND_ORDER[IMPLICIT_KIND] = 3
+#: Tie-break of equal names across formats (docs/policy.md, "Order").
+KIND_ORDER = {"CiliumEgressGatewayPolicy": 0, "EgressGatewayPolicy": 1, "EgressPolicy": 2, IMPLICIT_KIND: 3}
 
 _RULE_ACTIONS = {RuleAction.REDIRECT: RULE_REDIRECT, RuleAction.PASS: RULE_PASS, RuleAction.DROP: RULE_DROP}
 _ALL_V4 = IPv4Network("0.0.0.0/0")
