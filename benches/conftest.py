@@ -315,14 +315,14 @@ def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
     yield "targets use the mean; the min columns show how much of a ratio is noise"
     yield ""
     yield (
-        f"{'group':<28}{'implementation':<18}{'method':<30}{'mean/op':>12}{'speedup':>10}"
+        f"{'group':<30}{'implementation':<18}{'method':<30}{'mean/op':>12}{'speedup':>10}"
         f"{'min/op':>12}{'(min)':>10}"
     )
     for group, rows in summary["groups"].items():
         ordered = sorted(rows.items(), key=lambda item: (item[0] != "egresscore", item[0]))
         for position, (implementation, row) in enumerate(ordered):
             yield (
-                f"{group if position == 0 else '':<28}{implementation:<18}{row['method']:<30}"
+                f"{group if position == 0 else '':<30}{implementation:<18}{row['method']:<30}"
                 f"{_format_ns(row['ns_per_op']):>12}{_format_ratio(row['speedup']):>10}"
                 f"{_format_ns(row['min_ns_per_op']):>12}{_format_ratio(row['speedup_min']):>10}"
             )
