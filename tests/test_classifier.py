@@ -30,7 +30,6 @@ from reference.selectors import evaluate, k8s_selector_matches
 
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path.
 from test_reference_classifier import (
-    NODE_NAMES,
     SELECTORS,
     k8s_labels,
     k8s_selectors,
@@ -101,7 +100,10 @@ def describe(policy_set: PolicySet) -> str:
 @given(st.data())
 def test_compiled_decisions_match_the_reference(data: st.DataObject) -> None:
     policy_set = data.draw(policy_sets())
-    local_node = data.draw(st.sampled_from((None, *NODE_NAMES)))
+    known = sorted(
+        {node.name for node in policy_set.inventory.nodes} | {e.node for e in policy_set.inventory.endpoints}
+    )
+    local_node = data.draw(st.sampled_from((None, *known)))
     reference = ReferenceClassifier(policy_set, local_node)
     classifier = compile_policies(policy_set, local_node=local_node)
     pairs = data.draw(st.lists(packets(policy_set), min_size=1, max_size=PACKETS_PER_EXAMPLE))

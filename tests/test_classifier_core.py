@@ -29,6 +29,8 @@ def test_bitset_basics() -> None:
     with pytest.raises(ValueError, match="different sizes"):
         bits & Bitset.from_indices(3, [])
     with pytest.raises(TypeError):
+        bits & None  # type: ignore[operator]
+    with pytest.raises(TypeError):
         Bitset()
 
 
@@ -65,6 +67,11 @@ def test_label_index_programs() -> None:
         ([OP_ALL, OP_AND, 3], "AND of 3 sets at 1, but the stack holds 1"),
         ([OP_ALL, OP_ALL], "must leave one set, left 2"),
         ([17], "unknown opcode 17 at 0"),
+        ([OP_PAIRS], "the program ends at 1 where an operand was expected"),
+        ([OP_PAIRS, -2], r"operand -2 at 1: expected an integer from 0"),
+        ([OP_PAIRS, 3, 0], "PAIRS at 0 names 3 pairs, but the program ends after 1"),
+        ([OP_ALL, OP_AND, -1], r"operand -1 at 2: expected an integer"),
+        ([OP_KEY, "x"], r"operand 'x' at 1"),
     ],
 )
 def test_label_index_rejects_bad_programs(program: list[int], message: str) -> None:
@@ -138,8 +145,11 @@ def test_batch_codes_match_single_calls_in_both_families() -> None:
 
 def test_batch_and_decode_errors() -> None:
     classifier = small_classifier()
-    with pytest.raises(ValueError, match="IPv4 pairs need a multiple of 8 bytes, got 4"):
+    with pytest.raises(ValueError, match="IPv4 pairs need an even number of uint32 items, got 1"):
         classifier.classify_many(array("I", [1]))
+    # Another item type is refused, not read as uint32 pairs.
+    with pytest.raises(ValueError, match="Buffer dtype mismatch"):
+        classifier.classify_many(array("q", [1, 2]))
     with pytest.raises(ValueError, match="IPv6 pairs need a multiple of 32 bytes, got 16"):
         classifier.classify_many6(bytes(16))
     with pytest.raises(ValueError, match="out holds 1 codes, 2 needed"):
@@ -171,3 +181,22 @@ def test_build_rejects_inconsistent_tables() -> None:
         Classifier._build([], [], [], [], [], [], [(0, False, 0, [5], [])], [])
     with pytest.raises(TypeError, match=r"made by egresscore\.policy\.compile_policies"):
         Classifier()
+    with pytest.raises(ValueError, match=r"source address 10\.0\.0\.1 is listed for two endpoints"):
+        Classifier._build(
+            [(ip_address("10.0.0.1"), 0), (ip_address("10.0.0.1"), 1)], [0, 0], [], [], [], [], [], []
+        )
+    # Units are numbered in precedence order: a prefix listing unit 8 before unit 0 is refused
+    # (the unit bitmaps of long lists rely on the order).
+    members = [Bitset.from_indices(1, [0]) for _ in range(9)]
+    out_of_order = [(ip_network("0.0.0.0/0"), 8, 0)] + [(ip_network("0.0.0.0/0"), u, 0) for u in range(8)]
+    with pytest.raises(ValueError, match="unit 0 listed after unit 8"):
+        Classifier._build(
+            [(ip_address("10.0.0.1"), 0)],
+            [0],
+            [str(u) for u in range(9)],
+            members,
+            out_of_order,
+            [],
+            [(1, False, 0, [], [])],
+            [],
+        )

@@ -27,16 +27,14 @@ from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memset
 
 from egresscore.core._types cimport NO_SLOT, int64_t, slot_t, uint8_t, uint32_t, uint64_t
-from egresscore.core.inet cimport IpKey, coerce_address, coerce_prefix, key_ipv4
+from egresscore.core.inet cimport IpKey, coerce_address, coerce_prefix, key_ipv4, key_to_network
 from egresscore.core.prefix_table cimport PrefixTable
 from egresscore.core.selector cimport Bitset
+from egresscore.includes.libc_extra cimport __builtin_ctzll
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 
 from egresscore.errors import InvalidAddressError
 
-cdef extern from * nogil:
-    int __builtin_ctzll(unsigned long long x)
 
 
 class Action(enum.IntEnum):
@@ -262,10 +260,14 @@ cdef class Classifier:
 
         # Sources: one host prefix per endpoint address.
         self.sources = PrefixTable()
-        for address, index in endpoint_addresses:
+        for i, (address, index) in enumerate(endpoint_addresses):
             if not 0 <= index < nend:
                 raise ValueError(f"endpoint index {index} out of range for {nend} endpoints")
             self.sources.insert(address, index)
+            if self.sources.value_high != i + 1:
+                # A repeated address would make single and batch lookups disagree on
+                # which endpoint sent a packet; the policy layer must resolve it.
+                raise ValueError(f"source address {address} is listed for two endpoints")
         self.endpoint_of_slot = <uint32_t *>malloc((self.sources.value_high + 1) * sizeof(uint32_t))
         if self.endpoint_of_slot == NULL:
             raise MemoryError()
@@ -426,6 +428,13 @@ cdef class Classifier:
                 previous_unit = INTERNAL_UNIT
                 while group_end < total and same_prefix(&entries[i].key, &entries[group_end].key):
                     if entries[group_end].unit != INTERNAL_UNIT and entries[group_end].unit != previous_unit:
+                        if previous_unit != INTERNAL_UNIT and entries[group_end].unit < previous_unit:
+                            # Units are numbered in precedence order; the unit bitmaps
+                            # and their binary search rely on it.
+                            raise ValueError(
+                                f"destination {key_to_network(&entries[i].key)}: unit "
+                                f"{entries[group_end].unit} listed after unit {previous_unit}; "
+                                "expected units in precedence (index) order")
                         j += 1
                         previous_unit = entries[group_end].unit
                     group_end += 1
@@ -612,7 +621,7 @@ cdef class Classifier:
         cdef const uint64_t *present = self.node_bitmaps + <Py_ssize_t>node.bitmap * self.unit_words
         cdef Py_ssize_t w
         cdef uint64_t both
-        cdef uint32_t unit, low, high, middle
+        cdef uint32_t unit, low, high, middle, high_end
         for w in range(self.unit_words):
             both = present[w] & units[w]
             if both:
@@ -621,13 +630,15 @@ cdef class Classifier:
                 # excluded CIDR sorts before the unit's rule).
                 low = node.cand_start
                 high = node.cand_start + node.cand_count
+                high_end = high
                 while low < high:
                     middle = (low + high) >> 1
                     if self.candidates[middle].unit < unit:
                         low = middle + 1
                     else:
                         high = middle
-                return &self.candidates[low]
+                # The build checked that lists are in unit order, so the unit is here.
+                return &self.candidates[low] if low < high_end and self.candidates[low].unit == unit else NULL
         return NULL
 
     cdef uint32_t decide_endpoint(self, uint32_t endpoint, uint32_t n, int family, const uint64_t *src_words,
@@ -819,34 +830,33 @@ cdef class Classifier:
         return self._run_many(pairs, out, 6)
 
     def _run_many(self, pairs, out, int family):
-        cdef Py_buffer view
+        cdef const uint32_t[::1] pairs4
+        cdef const uint8_t[::1] pairs6
         cdef Py_ssize_t count
         cdef uint32_t[::1] codes
-        PyObject_GetBuffer(pairs, &view, PyBUF_SIMPLE)
-        try:
-            if family == 4:
-                if view.len % 8:
-                    raise ValueError(f"IPv4 pairs need a multiple of 8 bytes, got {view.len}")
-                count = view.len // 8
-                if count and (<size_t>view.buf) % 4:
-                    raise ValueError("IPv4 pairs must be a 4-byte aligned uint32 buffer")
-            else:
-                if view.len % 32:
-                    raise ValueError(f"IPv6 pairs need a multiple of 32 bytes, got {view.len}")
-                count = view.len // 32
-            if out is None:
-                out = array("I", bytes(4 * count))
-            codes = out
-            if codes.shape[0] < count:
-                raise ValueError(f"out holds {codes.shape[0]} codes, {count} needed")
-            if count:
-                with nogil:
-                    if family == 4:
-                        self.classify_batch(<const uint32_t *>view.buf, NULL, count, &codes[0])
-                    else:
-                        self.classify_batch(NULL, <const uint8_t *>view.buf, count, &codes[0])
-        finally:
-            PyBuffer_Release(&view)
+        if family == 4:
+            # A typed view checks the item format: an int64 or float buffer is refused,
+            # not misread.
+            pairs4 = pairs
+            if pairs4.shape[0] % 2:
+                raise ValueError(f"IPv4 pairs need an even number of uint32 items, got {pairs4.shape[0]}")
+            count = pairs4.shape[0] // 2
+        else:
+            pairs6 = pairs
+            if pairs6.shape[0] % 32:
+                raise ValueError(f"IPv6 pairs need a multiple of 32 bytes, got {pairs6.shape[0]}")
+            count = pairs6.shape[0] // 32
+        if out is None:
+            out = array("I", bytes(4 * count))
+        codes = out
+        if codes.shape[0] < count:
+            raise ValueError(f"out holds {codes.shape[0]} codes, {count} needed")
+        if count:
+            with nogil:
+                if family == 4:
+                    self.classify_batch(&pairs4[0], NULL, count, &codes[0])
+                else:
+                    self.classify_batch(NULL, &pairs6[0], count, &codes[0])
         return out
 
     @property

@@ -21,10 +21,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 from egresscore.core._types cimport uint32_t, uint64_t
-from egresscore.includes.libc_extra cimport __builtin_popcountll
-
-cdef extern from * nogil:
-    int __builtin_ctzll(unsigned long long x)
+from egresscore.includes.libc_extra cimport __builtin_ctzll, __builtin_popcountll
 
 # Opcodes of a selector program (a flat list of ints).
 OP_ALL = 0
@@ -126,10 +123,10 @@ cdef class Bitset:
     def __repr__(self):
         return f"Bitset({self.size}, {list(self)})"
 
-    def __and__(self, Bitset other):
+    def __and__(self, Bitset other not None):
         return self.combine(other, 0)
 
-    def __or__(self, Bitset other):
+    def __or__(self, Bitset other not None):
         return self.combine(other, 1)
 
     cdef Bitset combine(self, Bitset other, int union):
@@ -153,6 +150,16 @@ cdef class Bitset:
                 if o < <uint64_t>self.size and self.test(o):
                     result.words[i >> 6] |= <uint64_t>1 << (i & 63)
         return result
+
+
+cdef Py_ssize_t operand(list code, Py_ssize_t pc, Py_ssize_t end, Py_ssize_t lowest) except -1:
+    """The program's operand at pc: present, an int, and at least ``lowest``."""
+    if pc >= end:
+        raise ValueError(f"the program ends at {end} where an operand was expected")
+    value = code[pc]
+    if not isinstance(value, int) or not lowest <= value < 0xFFFFFFFF:
+        raise ValueError(f"operand {value!r} at {pc}: expected an integer from {lowest} to 4294967294")
+    return value
 
 
 cdef uint32_t *rows_to_arrays(list rows, uint32_t **objects_out) except NULL:
@@ -276,18 +283,20 @@ cdef class LabelIndex:
                     clear_tail(top)
                 stack.append(top)
             elif op == C_OP_PAIRS:
-                n = code[pc]
+                n = operand(code, pc, end, 0)
                 pc += 1
+                if pc + n > end:
+                    raise ValueError(f"PAIRS at {pc - 2} names {n} pairs, but the program ends after {end - pc}")
                 top = new_bitset(self.count)
                 for i in range(n):
-                    arg = code[pc + i]
+                    arg = operand(code, pc + i, end, 0)
                     if arg >= <uint64_t>self.npairs:
                         raise ValueError(f"pair id {arg} out of range (the index has {self.npairs})")
                     self.or_postings(top, self.pair_start, self.pair_objects, arg)
                 pc += n
                 stack.append(top)
             elif op == C_OP_KEY:
-                arg = code[pc]
+                arg = operand(code, pc, end, 0)
                 pc += 1
                 if arg >= <uint64_t>self.nkeys:
                     raise ValueError(f"key id {arg} out of range (the index has {self.nkeys})")
@@ -302,7 +311,7 @@ cdef class LabelIndex:
                     top.words[w] = ~top.words[w]
                 clear_tail(top)
             elif op == C_OP_AND or op == C_OP_OR:
-                n = code[pc]
+                n = operand(code, pc, end, 0)
                 pc += 1
                 if n > len(stack):
                     raise ValueError(f"{'AND' if op == C_OP_AND else 'OR'} of {n} sets at {pc - 2}, "

@@ -37,6 +37,7 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from * nogil:
     # GCC/Clang builtins; setup.py enables the POPCNT instruction where the CPU has it.
     int __builtin_popcountll(unsigned long long x)
+    int __builtin_ctzll(unsigned long long x)    # undefined for 0: callers test first
     void __builtin_prefetch(const void *addr)
 
 cdef extern from "<stdlib.h>" nogil:

@@ -32,6 +32,7 @@ from egresscore.core.selector import (
     Bitset,
     LabelIndex,
 )
+from egresscore.errors import PolicyError
 from egresscore.policy.loader import calico_annotation_selectors
 from egresscore.policy.model import (
     CALICO_NAMESPACE_SELECTOR_ANNOTATION,
@@ -153,6 +154,11 @@ class Compiler:
         inventory = policy_set.inventory
         self.inventory = inventory
         self._index_inventory(inventory)
+        if local_node is not None and local_node not in self.node_index:
+            raise PolicyError(
+                f"local node {local_node!r} is not in the inventory: expected one of "
+                f"{', '.join(sorted(self.node_index)) or '(no nodes)'}"
+            )
         self._selector_cache: dict[tuple[str, Selector], Bitset] = {}
         self.units: list[Unit] = []
         self.rules: list[CompiledRule] = []
@@ -180,6 +186,17 @@ class Compiler:
         self.node_index = {node.name: i for i, node in enumerate(self.nodes)}
 
         self.endpoints: list[Endpoint] = list(inventory.endpoints)
+        owners: dict[IPAddress, Endpoint] = {}
+        for endpoint in self.endpoints:
+            for address in endpoint.ips:
+                other = owners.setdefault(address, endpoint)
+                if other is not endpoint:
+                    raise PolicyError(
+                        f"IP {address} belongs to endpoints {other.key} and {endpoint.key}: "
+                        "expected each IP on one endpoint (a source must name one pod)",
+                        source=endpoint.origin.source if endpoint.origin else "",
+                        document=endpoint.origin.document if endpoint.origin else "",
+                    )
         self.endpoint_namespace = array("I", (self.namespace_index[e.namespace] for e in self.endpoints))
         self.endpoint_node = array("I", (self.node_index[e.node] for e in self.endpoints))
         self.pod_index = LabelIndex(
@@ -293,6 +310,20 @@ class Compiler:
             candidates.append((policy, members))
         for policy, indices in implicit:
             candidates.append((policy, Bitset.from_indices(count, indices)))
+        loaded = {
+            p.selection.policy_name for p, _ in candidates if isinstance(p.selection, AnnotationSelection)
+        }
+        for name in sorted(set(annotated) - loaded):
+            # Fail closed: a pod told to use a policy that does not exist (a typo, or a
+            # policy not applied yet) is selected with no gateway, so its traffic is
+            # dropped rather than sent out with the node's IP.
+            missing = Policy(
+                name=f"calico-missing-policy:{name}",
+                selection=(),
+                rules=(Rule(destinations=(_ALL_V4, _ALL_V6), gateways=(), path="annotations"),),
+                origin=Origin(source="", document="", kind=IMPLICIT_KIND, name=name),
+            )
+            candidates.append((missing, Bitset.from_indices(count, annotated[name])))
         candidates.sort(key=lambda item: _sort_key(item[0]))
         for policy, members in candidates:
             needs_namespace = any(
@@ -310,6 +341,24 @@ class Compiler:
                 self.units.append(
                     Unit(policy, Bitset.from_indices(count, by_namespace[namespace]), namespace)
                 )
+        for unit in self.units:
+            unit.members = self._without_own_gateways(unit)
+
+    def _without_own_gateways(self, unit: Unit) -> Bitset:
+        """The unit's members less the pods its redirect rules use as gateway pods: a
+        gateway pod's own traffic (which carries the egress IP already) must not be
+        sent through gateways again, or two gateways would forward to each other."""
+        gateways: Bitset | None = None
+        for rule in unit.policy.rules:
+            if rule.action is not RuleAction.REDIRECT:
+                continue
+            for spec in rule.gateways:
+                if spec.selects_pods:
+                    pods = self.gateway_pods(spec, unit.namespace)
+                    gateways = pods if gateways is None else gateways | pods
+        if gateways is None or not len(gateways):
+            return unit.members
+        return Bitset.from_indices(len(self.endpoints), [e for e in unit.members if e not in gateways])
 
     # -- gateways -------------------------------------------------------------------
 
@@ -322,6 +371,17 @@ class Compiler:
             self.gateways.append(Gateway(node, egress_ip))
         return index
 
+    def gateway_pods(self, spec: GatewaySpec, client_namespace: str | None) -> Bitset:
+        """The endpoints a pod-gateway entry selects for clients in ``client_namespace``
+        (Calico: the client's own namespace when the entry has no namespace selector)."""
+        assert spec.pod_selector is not None
+        pods = self.pods_selected(spec.pod_selector, "pod")
+        if spec.namespace_selector is not None:
+            return pods & self.pods_selected(spec.namespace_selector, "namespace")
+        return Bitset.from_indices(
+            len(self.endpoints), [e for e in pods if self.endpoints[e].namespace == client_namespace]
+        )
+
     def resolve(self, spec: GatewaySpec, client_namespace: str | None) -> tuple[list[int], list[int]]:
         """Gateway indices for IPv4 and IPv6 of one gateway entry."""
         key = (spec, client_namespace)
@@ -330,14 +390,8 @@ class Compiler:
             return cached
         found: list[tuple[str, IPAddress]] = []
         if spec.selects_pods:
-            assert spec.pod_selector is not None
-            members = self.pods_selected(spec.pod_selector, "pod")
-            if spec.namespace_selector is not None:
-                members = members & self.pods_selected(spec.namespace_selector, "namespace")
-            for e in members:
+            for e in self.gateway_pods(spec, client_namespace):
                 endpoint = self.endpoints[e]
-                if spec.namespace_selector is None and endpoint.namespace != client_namespace:
-                    continue
                 found.extend((endpoint.node, ip) for ip in endpoint.ips)
         elif spec.node_selector is not None:
             selected = self._evaluate("node", spec.node_selector)
@@ -356,9 +410,10 @@ class Compiler:
                         ip = _first_of_family(node.addresses, version)
                     if ip is not None:
                         found.append((name, ip))
-        v4 = sorted({(n, ip) for n, ip in found if ip.version == 4}, key=lambda item: (item[0], item[1]))
-        v6 = sorted({(n, ip) for n, ip in found if ip.version == 6}, key=lambda item: (item[0], item[1]))
-        result = ([self._gateway(n, ip) for n, ip in v4], [self._gateway(n, ip) for n, ip in v6])
+        result = (
+            [self._gateway(n, ip) for n, ip in sorted({(n, ip) for n, ip in found if ip.version == 4})],
+            [self._gateway(n, ip) for n, ip in sorted({(n, ip) for n, ip in found if ip.version == 6})],
+        )
         self._resolved[key] = result
         return result
 
@@ -372,12 +427,20 @@ class Compiler:
                         four, six = self.resolve(spec, unit.namespace)
                         v4.extend(four)
                         v6.extend(six)
-                # One rule's gateway entries may resolve to the same gateway: once each,
-                # in (node, egress IP) order.
-                v4 = sorted(set(v4), key=lambda g: (self.gateways[g].node, self.gateways[g].egress_ip))
-                v6 = sorted(set(v6), key=lambda g: (self.gateways[g].node, self.gateways[g].egress_ip))
                 unit.rule_indices.append(len(self.rules))
-                self.rules.append(CompiledRule(u, rule, (tuple(v4), tuple(v6))))
+                self.rules.append(CompiledRule(u, rule, (self._usable(v4), self._usable(v6))))
+
+    def _usable(self, indices: list[int]) -> tuple[int, ...]:
+        """One rule's gateways in (node, egress IP) order, each once. An egress IP that
+        several nodes would carry (egressIPs on a nodeSelector matching several nodes)
+        stays with the first of them by name: replies to it can reach only one node."""
+        usable: list[int] = []
+        taken: set[IPAddress] = set()
+        for g in sorted(set(indices), key=lambda g: (self.gateways[g].node, self.gateways[g].egress_ip)):
+            if self.gateways[g].egress_ip not in taken:
+                taken.add(self.gateways[g].egress_ip)
+                usable.append(g)
+        return tuple(usable)
 
     # -- destinations ---------------------------------------------------------------
 

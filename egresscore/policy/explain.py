@@ -109,6 +109,12 @@ class _Explainer:
             own = endpoint.annotations.get(CALICO_POLICY_ANNOTATION)
             holder = f"pod {endpoint.key}" if own else f"namespace {endpoint.namespace}"
             return f"{holder} is annotated {CALICO_POLICY_ANNOTATION}={selection.policy_name}"
+        if not selection and policy.name.startswith("calico-missing-policy:"):
+            missing = policy.name.split(":", 1)[1]
+            return (
+                f"it is annotated {CALICO_POLICY_ANNOTATION}={missing}, which no loaded "
+                "EgressGatewayPolicy defines: dropped, never sent with the node's IP"
+            )
         if not selection:
             origin = policy.name.rsplit("/", 1)[-1]
             holder = f"namespace {endpoint.namespace}" if origin == "*" else f"pod {endpoint.key}"

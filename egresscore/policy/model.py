@@ -155,7 +155,11 @@ class Inventory:
         ``io.cilium.k8s.namespace.labels.<key>``) and Calico's
         ``projectcalico.org/namespace``."""
         labels = dict(endpoint.labels)
-        for key, value in namespace.labels.items():
+        # The namespace's labels as Kubernetes has them, kubernetes.io/metadata.name
+        # included (the API server sets it on every namespace).
+        namespace_labels = dict(namespace.labels)
+        namespace_labels[KUBERNETES_NAMESPACE_NAME_LABEL] = namespace.name
+        for key, value in namespace_labels.items():
             labels[CILIUM_NAMESPACE_LABELS_PREFIX + key] = value
         labels[CILIUM_NAMESPACE_LABEL] = endpoint.namespace
         labels[CALICO_POD_NAMESPACE_LABEL] = endpoint.namespace

@@ -90,6 +90,7 @@ REASONS = (
 KIND_ORDER = {"CiliumEgressGatewayPolicy": 0, "EgressGatewayPolicy": 1, "EgressPolicy": 2}
 IMPLICIT_KIND = "calico-annotations"
 IMPLICIT_PREFIX = "calico-annotations:"
+MISSING_POLICY_PREFIX = "calico-missing-policy:"
 
 _MASK64 = (1 << 64) - 1
 _BITS = {4: 32, 6: 128}
@@ -334,10 +335,10 @@ class ReferenceClassifier:
         # Step 3: the policies, explicit and implicit, and whom they select.
         self.entries: list[_Entry] = []
         for policy in policy_set.policies:
-            self.entries.append(
-                _Entry(len(self.entries), policy, self._kind_rank(policy), self._select(policy))
-            )
+            selected = self._without_own_gateways(policy, self._select(policy))
+            self.entries.append(_Entry(len(self.entries), policy, self._kind_rank(policy), selected))
         self.entries.extend(self._implicit_entries())
+        self.entries.extend(self._missing_policy_entries())
         self._entries_of_endpoint: list[set[int]] = [set() for _ in self.endpoints]
         for entry in self.entries:
             for index in entry.selected:
@@ -481,10 +482,58 @@ class ReferenceClassifier:
                 gateways=(GatewaySpec(pod_selector=pods, namespace_selector=namespaces),),
             )
             policy = Policy(name=name, selection=(), rules=(rule,))
-            entries.append(
-                _Entry(len(self.entries) + len(entries), policy, len(KIND_ORDER), frozenset(members[name]))
-            )
+            selected = self._without_own_gateways(policy, frozenset(members[name]))
+            entries.append(_Entry(len(self.entries) + len(entries), policy, len(KIND_ORDER), selected))
         return entries
+
+    def _missing_policy_entries(self) -> list[_Entry]:
+        """docs/policy.md: a pod whose effective egressGatewayPolicy annotation names no
+        loaded EgressGatewayPolicy is selected, with no gateway: its traffic to every
+        non-internal destination is dropped, never sent with the node's IP."""
+        loaded = {
+            policy.selection.policy_name
+            for policy in self.policy_set.policies
+            if isinstance(policy.selection, AnnotationSelection)
+        }
+        members: dict[str, list[int]] = {}
+        for index, endpoint in enumerate(self.endpoints):
+            choice = effective_annotation(endpoint, self._endpoint_namespace[index])
+            if choice is not None and choice.policy_name is not None and choice.policy_name not in loaded:
+                members.setdefault(choice.policy_name, []).append(index)
+        entries: list[_Entry] = []
+        for name in sorted(members):
+            rule = Rule(destinations=_EVERYTHING, action=RuleAction.REDIRECT, gateways=())
+            policy = Policy(name=f"{MISSING_POLICY_PREFIX}{name}", selection=(), rules=(rule,))
+            position = len(self.entries) + len(entries)
+            entries.append(_Entry(position, policy, len(KIND_ORDER), frozenset(members[name])))
+        return entries
+
+    def _without_own_gateways(self, policy: Policy, selected: frozenset[int]) -> frozenset[int]:
+        """docs/policy.md: a pod that one of the policy's redirect rules would use as a
+        gateway pod (for itself as the client) is not selected by that policy."""
+        specs = [
+            spec
+            for rule in policy.rules
+            if rule.action is RuleAction.REDIRECT
+            for spec in rule.gateways
+            if spec.pod_selector is not None
+        ]
+        if not specs:
+            return selected
+        kept = set()
+        for index in selected:
+            endpoint = self.endpoints[index]
+            own_gateway = any(
+                evaluate(spec.pod_selector, self._pod_labels[index])  # type: ignore[arg-type]
+                and (
+                    spec.namespace_selector is None
+                    or evaluate(spec.namespace_selector, self._namespace_labels[endpoint.namespace])
+                )
+                for spec in specs
+            )
+            if not own_gateway:
+                kept.add(index)
+        return frozenset(kept)
 
     @staticmethod
     def _prefixes(policy: Policy) -> list[tuple[IPNetwork, int | None]]:
@@ -622,8 +671,14 @@ class ReferenceClassifier:
                 pairs.update(self._pod_gateways(spec, version, client))
             else:
                 pairs.update(self._node_gateways(spec, version))
-        # "Identical (node, egress IP) pairs count once", in (node name, egress IP) order.
-        usable = sorted(ReferenceGateway(node, ip, self._gid(node, ip)) for node, ip in pairs)
+        # "Identical (node, egress IP) pairs count once", in (node name, egress IP) order;
+        # an egress IP that several nodes would carry stays with the first of them.
+        usable = []
+        taken: set[IPAddress] = set()
+        for gateway in sorted(ReferenceGateway(node, ip, self._gid(node, ip)) for node, ip in pairs):
+            if gateway.egress_ip not in taken:
+                taken.add(gateway.egress_ip)
+                usable.append(gateway)
         self._gateway_cache[key] = usable
         return usable
 
