@@ -2021,3 +2021,13 @@ def validate_texts(texts: list[tuple[str, str]]) -> list[PolicyError]:
     except PolicyErrorGroup as group:
         return group.errors
     return []
+
+
+@pytest.mark.parametrize("entry", [{}, {"nodeSelector": {"matchLabels": {"zone": "a"}}}])
+def test_a_cilium_selector_entry_needs_pods_or_namespaces(entry: dict[str, object]) -> None:
+    document = patched(CILIUM, {"spec.selectors": [{"podSelector": {}}, entry]})
+    (error,) = load_errors([document])
+    assert error.path == "spec.selectors[1]"
+    assert "expected a podSelector or a namespaceSelector" in str(error)
+    # The native format keeps "no part: every pod".
+    assert load_valid(patched(NATIVE, {"spec.selectors": [entry]})).policies

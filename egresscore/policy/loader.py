@@ -391,7 +391,7 @@ class _Loader:
             self._claim(r, self._policy_sites, (kind, name), f"{kind} {name!r}", metadata_name, base)
 
     def _source_terms(
-        self, r: FieldReader, spec: Mapping[str, object], spec_path: str
+        self, r: FieldReader, spec: Mapping[str, object], spec_path: str, *, cilium: bool = False
     ) -> tuple[SourceTerm, ...] | None:
         if "selectors" not in spec:
             return None
@@ -412,6 +412,15 @@ class _Loader:
             if entry is None:
                 continue
             r.check_fields(entry, here, ("namespaceSelector", "nodeSelector", "podSelector"))
+            if cilium and "podSelector" not in entry and "namespaceSelector" not in entry:
+                # Cilium refuses such an entry (ParseCEGP: "cannot have both nil namespace
+                # selector and nil pod selector"); reading it as "every pod" would redirect
+                # pods Cilium never would.
+                r.fail(
+                    here,
+                    "expected a podSelector or a namespaceSelector (Cilium rejects an entry with neither)",
+                )
+                continue
             parts: dict[str, Selector | None] = {}
             for key in ("podSelector", "namespaceSelector", "nodeSelector"):
                 parts[key] = r.selector(entry[key], field_path(here, key)) if key in entry else None
@@ -456,7 +465,7 @@ class _Loader:
                 "destinationCIDRs": "a non-empty list of CIDR strings",
             },
         )
-        selection = self._source_terms(r, spec, spec_path)
+        selection = self._source_terms(r, spec, spec_path, cilium=True)
         destinations_path = field_path(spec_path, "destinationCIDRs")
         destinations = None
         if "destinationCIDRs" in spec:
