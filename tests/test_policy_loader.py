@@ -2031,3 +2031,23 @@ def test_a_cilium_selector_entry_needs_pods_or_namespaces(entry: dict[str, objec
     assert "expected a podSelector or a namespaceSelector" in str(error)
     # The native format keeps "no part: every pod".
     assert load_valid(patched(NATIVE, {"spec.selectors": [entry]})).policies
+
+
+def test_cilium_label_source_prefixes() -> None:
+    selector = {
+        "matchLabels": {"k8s:io.kubernetes.pod.namespace": "payments", "any:app": "web"},
+        "matchExpressions": [{"key": "k8s:tier", "operator": "Exists"}],
+    }
+    (policy,) = load_valid(patched(CILIUM, {"spec.selectors": [{"podSelector": selector}]})).policies
+    assert isinstance(policy.selection, tuple)
+    assert policy.selection[0].pods == And(
+        (eq("io.kubernetes.pod.namespace", "payments"), eq("app", "web"), HasLabel("tier"))
+    )
+    bad = {"matchLabels": {"reserved:host": ""}}
+    (error,) = load_errors([patched(CILIUM, {"spec.selectors": [{"podSelector": bad}]})])
+    assert error.path == 'spec.selectors[0].podSelector.matchLabels["reserved:host"]'
+    assert "names the label source 'reserved': expected 'k8s:' or 'any:'" in str(error)
+    # Other formats have no label sources: the colon is an invalid key character there.
+    native = patched(NATIVE, {"spec.selectors": [{"podSelector": {"matchLabels": {"k8s:app": "web"}}}]})
+    (error,) = load_errors([native])
+    assert "invalid label key 'k8s:app'" in str(error)

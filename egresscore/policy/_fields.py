@@ -94,6 +94,10 @@ def describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
+#: Cilium label sources that stand for the Kubernetes labels of a pod, namespace or node.
+CILIUM_LABEL_SOURCES = ("k8s", "any")
+
+
 def label_key_problem(key: str) -> str | None:
     """Why ``key`` is not a Kubernetes label key, or ``None`` when it is one."""
     parts = key.split("/")
@@ -168,6 +172,9 @@ class FieldReader:
         self.source = source
         self.document = document
         self.errors: list[PolicyError] = []
+        # Cilium names the source of a label in selector keys ("k8s:app"); the loader
+        # turns this on for Cilium documents, where "k8s:" and "any:" mean a pod label.
+        self.cilium_label_sources = False
 
     # -- errors ---------------------------------------------------------------------
 
@@ -397,6 +404,28 @@ class FieldReader:
             return None
         return key
 
+    def selector_key(self, value: object, path: str) -> str | None:
+        """A label key in a selector; in Cilium documents a ``k8s:`` or ``any:`` source
+        prefix is dropped (both match the pod's Kubernetes labels here)."""
+        key = self.string(value, path, "a label key string")
+        if key is None:
+            return None
+        if self.cilium_label_sources and ":" in key.split("/", 1)[0]:
+            source, _, rest = key.partition(":")
+            if source not in CILIUM_LABEL_SOURCES:
+                self.fail(
+                    path,
+                    f"label key {key!r} names the label source {source!r}: expected "
+                    f"{' or '.join(repr(s + ':') for s in CILIUM_LABEL_SOURCES)}, or no source",
+                )
+                return None
+            key = rest
+        problem = label_key_problem(key)
+        if problem:
+            self.fail(path, problem)
+            return None
+        return key
+
     def label_value(self, value: object, path: str) -> str | None:
         text = self.string(value, path, "a label value string")
         if text is None:
@@ -495,9 +524,13 @@ class FieldReader:
         self.check_fields(mapping, path, ("matchLabels", "matchExpressions"))
         terms: list[Selector] = []
         if "matchLabels" in mapping:
-            labels = self.labels(mapping["matchLabels"], field_path(path, "matchLabels"))
-            for key, text in (labels or {}).items():
-                terms.append(LabelIn(key, frozenset((text,))))
+            here = field_path(path, "matchLabels")
+            labels = self.mapping(mapping["matchLabels"], here, "a mapping of label keys to values")
+            for raw_key, item in (labels or {}).items():
+                key = self.selector_key(raw_key, field_path(here, raw_key))
+                text = self.label_value(item, field_path(here, raw_key))
+                if key is not None and text is not None:
+                    terms.append(LabelIn(key, frozenset((text,))))
         if "matchExpressions" in mapping:
             here = field_path(path, "matchExpressions")
             requirements = self.sequence(
@@ -525,7 +558,7 @@ class FieldReader:
             ("key", "operator", "values"),
             {"key": "a label key", "operator": f"one of {', '.join(OPERATORS)}"},
         )
-        key = self.label_key(mapping["key"], field_path(path, "key")) if "key" in mapping else None
+        key = self.selector_key(mapping["key"], field_path(path, "key")) if "key" in mapping else None
         operator = None
         if "operator" in mapping:
             operator = self.choice(mapping["operator"], field_path(path, "operator"), "operator", OPERATORS)

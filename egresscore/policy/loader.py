@@ -449,6 +449,7 @@ class _Loader:
     # -- policies -------------------------------------------------------------------------------
 
     def _read_cilium_policy(self, r: FieldReader, mapping: Mapping[str, object], base: str) -> None:
+        r.cilium_label_sources = True
         mark = r.mark()
         name = self._strict_metadata(r, mapping, base, required=True)
         self._claim_policy(r, CILIUM_POLICY, name, base)
