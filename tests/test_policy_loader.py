@@ -1661,7 +1661,7 @@ INVALID: list[Any] = [
     ),
     pytest.param(
         ["items: &loop [{apiVersion: v1, kind: List, items: *loop}]\napiVersion: v1\nkind: List\n"],
-        [("document 1 (List)", "items[0]" + ".items[0]" * 7 + ".items", "Lists nested more than 8 deep")],
+        [("document 1 (List)", "items[0].items[0].items", "Lists nested more than 2 deep")],
         id="list-self-reference",
     ),
     # Kinds and documents
@@ -2051,3 +2051,39 @@ def test_cilium_label_source_prefixes() -> None:
     native = patched(NATIVE, {"spec.selectors": [{"podSelector": {"matchLabels": {"k8s:app": "web"}}}]})
     (error,) = load_errors([native])
     assert "invalid label key 'k8s:app'" in str(error)
+
+
+def test_alias_bombs_stop_early(tmp_path: Path) -> None:
+    """A few kilobytes of YAML aliases that name the same pods 250,000 times."""
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(
+        "x0: &pod {apiVersion: v1, kind: Pod, metadata: {name: p}, status: {podIP: 10.0.0.1}}\n"
+        f"x1: &list {{apiVersion: v1, kind: List, items: [{', '.join(['*pod'] * 500)}]}}\n"
+        f"apiVersion: v1\nkind: List\nitems: [{', '.join(['*list'] * 500)}]\n"
+    )
+    started = time.perf_counter()
+    errors = validate_files([bomb])
+    assert time.perf_counter() - started < 20
+    assert "(YAML aliases that repeat the same data?)" in str(errors[-1])
+    assert len(errors) <= 1002  # 1,000, "further errors not reported", and why the file was abandoned
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(
+        "x0: &l0 {apiVersion: v1, kind: Pod, metadata: {name: p}, status: {podIP: 10.0.0.1}}\n"
+        + "".join(
+            f"x{d}: &l{d} {{apiVersion: v1, kind: List, items: [{', '.join([f'*l{d - 1}'] * 10)}]}}\n"
+            for d in range(1, 6)
+        )
+        + "apiVersion: v1\nkind: List\nitems: [*l5]\n"
+    )
+    errors = validate_files([nested])
+    assert any("Lists nested more than 2 deep" in str(error) for error in errors)
+
+
+def test_errors_are_capped_at_one_thousand(tmp_path: Path) -> None:
+    many = tmp_path / "many.yaml"
+    many.write_text("".join(f"---\napiVersion: cilium.io/v2\nkind: Nope{i}\n" for i in range(1500)))
+    errors = validate_files([many])
+    assert len(errors) == 1001
+    assert str(errors[-1]).endswith("further errors not reported (at most 1000 are)")

@@ -165,12 +165,39 @@ def selector_syntax_message(error: SelectorSyntaxError) -> str:
     return f"invalid Calico selector: {error}"
 
 
+class ExpansionError(Exception):
+    """A file holds more values than a policy file plausibly can (see WorkBudget)."""
+
+
+class WorkBudget:
+    """How many more mappings and list items the documents of one file may hold.
+
+    YAML aliases let a few kilobytes name the same list a million times over (the
+    "billion laughs" shape); the safe loader builds that cheaply, but reading every
+    repetition would not be. A mapping or list item takes a few bytes of text at the
+    very least, so a file of ``size`` characters without aliases stays far below
+    ``100,000 + size // 2``; only repetition through aliases reaches it."""
+
+    def __init__(self, size: int = 0) -> None:
+        self.limit = 100_000 + size // 2
+        self.left = self.limit
+
+    def spend(self, amount: int) -> None:
+        self.left -= amount
+        if self.left < 0:
+            raise ExpansionError(
+                f"the file holds more than {self.limit:,} mappings and list items for its size (YAML "
+                "aliases that repeat the same data?): expected each object written out once"
+            )
+
+
 class FieldReader:
     """Reads the fields of one document and collects every error found in it."""
 
-    def __init__(self, source: str, document: str) -> None:
+    def __init__(self, source: str, document: str, budget: WorkBudget | None = None) -> None:
         self.source = source
         self.document = document
+        self.budget = WorkBudget() if budget is None else budget
         self.errors: list[PolicyError] = []
         # Cilium names the source of a label in selector keys ("k8s:app"); the loader
         # turns this on for Cilium documents, where "k8s:" and "any:" mean a pod label.
@@ -198,6 +225,7 @@ class FieldReader:
 
     def mapping(self, value: object, path: str, what: str = "a mapping") -> dict[str, object] | None:
         """``value`` as a mapping with string keys; ``None`` (and an error) otherwise."""
+        self.budget.spend(1)
         if not isinstance(value, dict):
             self.fail(path, f"expected {what}, got {describe(value)}")
             return None
@@ -232,6 +260,8 @@ class FieldReader:
         self, value: object, path: str, what: str, *, non_empty: bool = False
     ) -> list[object] | None:
         """``value`` as a list (of ``what``, for the message)."""
+        if isinstance(value, list):
+            self.budget.spend(len(value))
         if not isinstance(value, list):
             self.fail(
                 path, f"expected a {'non-empty ' if non_empty else ''}list of {what}, got {describe(value)}"

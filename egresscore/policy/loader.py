@@ -22,7 +22,9 @@ from egresscore.errors import PolicyError, PolicyErrorGroup
 from egresscore.policy._fields import (
     INT32_MAX,
     INT32_MIN,
+    ExpansionError,
     FieldReader,
+    WorkBudget,
     field_path,
     interface_problem,
     item_path,
@@ -101,7 +103,10 @@ _GATEWAY_PREFERENCES = ("None", "PreferNodeLocal")
 _NATIVE_ACTIONS = ("redirect", "pass", "drop")
 _DEFAULT_CALICO_DESTINATION: IPNetwork = ipaddress.IPv4Network("0.0.0.0/0")
 # A self-referencing YAML alias can make a List contain itself; real Lists do not nest.
-_MAX_LIST_DEPTH = 8
+# kubectl prints one List; a List of Lists is already unusual.
+_MAX_LIST_DEPTH = 2
+# Errors reported at most per load: past this, more are noise (and cost time).
+_MAX_ERRORS = 1000
 # Pods that have finished keep their IP in status after the IP is given to another pod.
 _FINISHED_POD_PHASES = frozenset({"Succeeded", "Failed"})
 
@@ -134,7 +139,7 @@ def validate_files(paths: Iterable[str | os.PathLike[str]]) -> list[PolicyError]
     loader = _Loader()
     for path in paths:
         loader.read_file(path)
-    return list(loader.errors)
+    return loader.capped_errors()
 
 
 def parse_label_selector(data: object, path: str, *, allow_expression: bool = True) -> Selector:
@@ -223,11 +228,27 @@ class _Loader:
         self._node_sites: dict[str, str] = {}
         self._endpoint_sites: dict[str, str] = {}
         self._ip_sites: dict[IPAddress, str] = {}
+        # Files abandoned part way (ExpansionError): reported past the error cap.
+        self.fatal: list[PolicyError] = []
         self._network_site = ""
 
+    def capped_errors(self) -> list[PolicyError]:
+        """The errors, at most _MAX_ERRORS of them, then one saying that there are more
+        (reading stops soon after the limit, so how many more is not known)."""
+        errors = list(self.errors)
+        if len(errors) > _MAX_ERRORS:
+            errors[_MAX_ERRORS:] = [
+                PolicyError(
+                    f"further errors not reported (at most {_MAX_ERRORS} are)",
+                    source=errors[_MAX_ERRORS].source,
+                )
+            ]
+        # Why a file was abandoned is always reported, whatever came before it.
+        return errors + self.fatal
+
     def result(self) -> PolicySet:
-        if self.errors:
-            raise PolicyErrorGroup(self.errors)
+        if self.errors or self.fatal:
+            raise PolicyErrorGroup(self.capped_errors())
         inventory = Inventory(
             namespaces=tuple(self.namespaces),
             nodes=tuple(self.nodes),
@@ -259,9 +280,14 @@ class _Loader:
             self._read_json(source, text)
             return
         number = 0
+        budget = WorkBudget(len(text))
         try:
             for number, data in enumerate(yaml.safe_load_all(text), start=1):
-                self.read_document(source, number, data)
+                if len(self.errors) > _MAX_ERRORS:
+                    return
+                self.read_document(source, number, data, budget)
+        except ExpansionError as error:
+            self.fatal.append(PolicyError(str(error), source=source, document=f"document {number}"))
         except yaml.YAMLError as error:
             self.errors.append(
                 PolicyError(_yaml_error_message(error), source=source, document=f"document {number + 1}")
@@ -285,14 +311,20 @@ class _Loader:
                 PolicyError("invalid JSON: nested too deeply", source=source, document="document 1")
             )
             return
-        self.read_document(source, 1, data)
+        try:
+            # JSON has no aliases: every value is written out, so its size bounds the work.
+            self.read_document(source, 1, data, WorkBudget(len(text) * 2))
+        except ExpansionError as error:
+            self.fatal.append(PolicyError(str(error), source=source, document="document 1"))
 
-    def read_document(self, source: str, number: int, data: object) -> None:
+    def read_document(self, source: str, number: int, data: object, budget: WorkBudget) -> None:
         if data is None:  # an empty document, as between two '---' lines
             return
-        reader = FieldReader(source, _describe_document(number, data))
-        self._read_object(reader, data, "", 0)
-        self.errors.extend(reader.errors)
+        reader = FieldReader(source, _describe_document(number, data), budget)
+        try:
+            self._read_object(reader, data, "", 0)
+        finally:
+            self.errors.extend(reader.errors)
 
     def _read_object(self, r: FieldReader, data: object, base: str, depth: int) -> None:
         mapping = r.mapping(data, base, "an object mapping with apiVersion and kind")
