@@ -1,8 +1,9 @@
 """egresscore: stable egress IPs for selected Kubernetes pods.
 
 The library's layers, from the bottom: ``egresscore.core`` (Cython: prefix tables,
-the SNAT table and packet rewriting, and later the classifier), the policy model, and
-the node agent. ``egresscore.cli`` is the command line.
+the SNAT table and packet rewriting, selector evaluation and the classifier),
+``egresscore.policy`` (documents in, a compiled classifier out), and later the node
+agent. ``egresscore.cli`` is the command line.
 """
 
 from egresscore import errors

@@ -118,12 +118,14 @@ class Unit:
     policy: Policy
     members: Bitset
     namespace: str | None = None
-    # (rule, compiled rule index) for each rule; excluded CIDRs use -1.
+    # The compiled rule index (into Compiler.rules) of each of the policy's rules.
     rule_indices: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class CompiledRule:
+    """A policy rule for one unit, with its usable gateways resolved per family."""
+
     unit: int
     rule: Rule
     gateways: tuple[tuple[int, ...], tuple[int, ...]]  # gateway indices, IPv4 then IPv6
@@ -135,6 +137,7 @@ def _sort_key(policy: Policy) -> tuple[int, str, int]:
 
 
 def namespace_origin(compiler: Compiler, name: str) -> Origin | None:
+    """Where the namespace ``name`` was defined (None for one only endpoints name)."""
     return compiler.namespaces[compiler.namespace_index[name]].origin
 
 
