@@ -22,7 +22,15 @@ EXTENSION_MODULES = [
     "egresscore.core.snat_table",
     "egresscore.core.selector",
     "egresscore.core.classifier",
+    "egresscore.core.nfqueue",
+    "egresscore.core.gateway",
 ]
+
+# C libraries an extension links with (Debian: libnetfilter-queue-dev, libmnl-dev).
+LIBRARIES = {
+    "egresscore.core.nfqueue": ["netfilter_queue", "mnl"],
+    "egresscore.core.gateway": ["netfilter_queue", "mnl"],
+}
 
 
 def cpu_flags() -> set[str]:
@@ -49,7 +57,12 @@ def compile_args() -> list[str]:
 
 
 extensions = [
-    Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=compile_args())
+    Extension(
+        name,
+        [name.replace(".", "/") + ".pyx"],
+        extra_compile_args=compile_args(),
+        libraries=LIBRARIES.get(name, []),
+    )
     for name in EXTENSION_MODULES
 ]
 

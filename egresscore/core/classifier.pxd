@@ -6,6 +6,22 @@ from egresscore.core._types cimport int64_t, slot_t, uint8_t, uint32_t, uint64_t
 from egresscore.core.inet cimport IpKey
 from egresscore.core.prefix_table cimport PrefixTable
 
+# Actions and reasons of a decision code (code = action | reason << 4 | (gateway + 1) << 8);
+# the numbers of egresscore.core.classifier.Action and Reason.
+cdef enum:
+    A_PASS = 0
+    A_REDIRECT = 1
+    A_SNAT = 2
+    A_DROP = 3
+    R_NOT_AN_ENDPOINT = 0
+    R_CLUSTER_INTERNAL = 1
+    R_NO_POLICY = 2
+    R_EXCLUDED = 3
+    R_RULE_PASS = 4
+    R_RULE_DROP = 5
+    R_NO_GATEWAY = 6
+    R_GATEWAY = 7
+
 # A destination prefix of the compiled table. Its candidates are
 # candidates[cand_start:cand_start + cand_count] (the prefix's own, best first, then
 # those of short-listed ancestors); the walk goes on at parent, the nearest

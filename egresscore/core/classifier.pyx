@@ -99,19 +99,6 @@ cdef enum:
     # the prefix tables' memory reads (see PrefixTable.lookup_batch).
     CHUNK = 256
 
-cdef enum:
-    A_PASS = 0
-    A_REDIRECT = 1
-    A_SNAT = 2
-    A_DROP = 3
-    R_NOT_AN_ENDPOINT = 0
-    R_CLUSTER_INTERNAL = 1
-    R_NO_POLICY = 2
-    R_EXCLUDED = 3
-    R_RULE_PASS = 4
-    R_RULE_DROP = 5
-    R_NO_GATEWAY = 6
-    R_GATEWAY = 7
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     # splitmix64's finaliser (Steele, Lea, Flood 2014): every input bit affects every

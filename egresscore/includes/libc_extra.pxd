@@ -8,6 +8,9 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+    unsigned int ntohl(unsigned int value)
+    unsigned int htonl(unsigned int value)
+    unsigned short ntohs(unsigned short value)
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_rwlock_t:

@@ -1,0 +1,38 @@
+# The gateway's per-packet work on an NFQUEUE batch (docs/nfqueue.md, "The gateway
+# datapath"): classify outbound packets, translate both directions in the SNAT table,
+# finish partial checksums, and answer every packet exactly once.
+from egresscore.core._types cimport uint8_t, uint16_t, uint32_t, uint64_t
+from egresscore.core.classifier cimport Classifier
+from egresscore.core.nfqueue cimport NfQueue, QueuedPacket
+from egresscore.core.snat_table cimport SnatTable
+
+cdef enum:
+    # Outcome counters of GatewayDatapath (the names are in gateway.pyx).
+    O_OUT_TRANSLATED = 0
+    O_OUT_PASSED = 1
+    O_OUT_POLICY_DROP = 2
+    O_OUT_MISDIRECTED = 3
+    O_OUT_SNAT_DROP = 4
+    O_IN_TRANSLATED = 5
+    O_IN_NOT_OURS = 6
+    O_IN_SNAT_DROP = 7
+    O_TRUNCATED = 8
+    O_OTHER_HOOK = 9
+    O_CHECKSUM_FINISHED = 10
+    O_NOT_IP = 11
+    OUTCOME_COUNT = 12
+
+
+cdef class GatewayDatapath:
+    cdef readonly NfQueue queue
+    cdef readonly SnatTable table
+    cdef readonly Classifier classifier
+    cdef uint16_t *egress_of_gateway
+    cdef Py_ssize_t gateway_count
+    cdef bint set_mark
+    cdef uint32_t mark
+    cdef uint64_t outcomes[OUTCOME_COUNT]
+    cdef uint64_t busy_ns
+
+    cdef Py_ssize_t run_batch(self, bint wait) noexcept nogil
+    cdef uint8_t finish_partial_checksum(self, QueuedPacket *p) noexcept nogil

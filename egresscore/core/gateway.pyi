@@ -1,0 +1,30 @@
+"""Type stubs for egresscore.core.gateway (compiled). Semantics: docs/nfqueue.md."""
+
+from collections.abc import Iterable
+from typing import Final
+
+from egresscore.core.classifier import Classifier
+from egresscore.core.nfqueue import NfQueue
+from egresscore.core.snat_table import SnatTable
+
+OUTCOME_NAMES: Final[tuple[str, ...]]
+
+class GatewayDatapath:
+    @property
+    def queue(self) -> NfQueue: ...
+    @property
+    def table(self) -> SnatTable: ...
+    @property
+    def classifier(self) -> Classifier: ...
+    def __init__(
+        self,
+        queue: NfQueue,
+        table: SnatTable,
+        classifier: Classifier,
+        egress_of_gateway: Iterable[int | None],
+        *,
+        mark: int | None = None,
+    ) -> None: ...
+    def process(self, seconds: float) -> int: ...
+    def drain(self) -> int: ...
+    def counters(self) -> dict[str, float]: ...
