@@ -96,6 +96,49 @@ def validate(files: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--role", type=click.Choice(["gateway"]), required=True, help="What this node does.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="The agent's configuration file (docs/agent.md).",
+)
+@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
+def run(role: str, config_file: str, log_format: str) -> None:
+    """Run the agent in the foreground until SIGTERM or SIGINT.
+
+    Programs this host (iptables chains, egress IPs), runs one worker per NFQUEUE
+    queue, and on exit removes everything it installed. Logs are JSON lines on
+    standard error.
+    """
+    import signal
+
+    from egresscore.agent import GatewayAgent, load_config
+    from egresscore.agent.log import EventLog
+
+    log = EventLog(text=log_format == "text")
+    try:
+        config = load_config(config_file)
+    except EgressCoreError as error:
+        raise click.ClickException(str(error)) from None
+    agent = GatewayAgent(config, log)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    failed = False
+    try:
+        agent.start()
+        agent.run()
+    except (EgressCoreError, OSError) as error:
+        log.error("failed", error=str(error))
+        failed = True
+    finally:
+        agent.stop()
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
 def demo() -> None:
     """A short demonstration of the library (until the datapath demo exists)."""
     from egresscore.demo import run_demo

@@ -1,0 +1,186 @@
+"""The gateway's iptables rules: computed, applied atomically, found and removed.
+
+Everything egresscore installs lives in chains named ``EGRESSCORE-GW-*`` plus one jump
+rule per built-in chain, tagged with the comment ``egresscore``. ``apply`` writes the
+whole set in one ``iptables-restore --noflush`` transaction (a chain declared in the
+input is emptied and refilled, so applying twice gives the same rules);
+``remove`` deletes the jumps and the chains, and nothing else. Commands are run with
+argument lists and the rules reach iptables-restore on its standard input: no shell.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from egresscore.errors import KernelError
+
+__all__ = ["CHAIN_PREFIX", "GatewayRules", "apply", "find_owned", "remove", "render"]
+
+CHAIN_PREFIX = "EGRESSCORE-GW-"
+COMMENT = "egresscore"
+# ICMP error types whose quote carries the original packet's ports (RFC 792):
+# destination unreachable (fragmentation needed among them), time exceeded, parameter problem.
+ICMP_ERROR_TYPES = (3, 11, 12)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePorts:
+    """A worker's queue and the egress ports (and ICMP identifiers) it allocates."""
+
+    queue: int
+    low: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRules:
+    """What the gateway's rules say, before they are written as iptables rules."""
+
+    egress_ips: tuple[ipaddress.IPv4Address, ...]
+    destinations: tuple[ipaddress.IPv4Network, ...]
+    queues: tuple[QueuePorts, ...]
+    mark: int
+    ingress_interfaces: tuple[str, ...] = ()
+
+
+def _queue_target(rules: GatewayRules) -> str:
+    first, last = rules.queues[0].queue, rules.queues[-1].queue
+    # No --queue-bypass and no fail-open: with no worker listening a policy packet is
+    # dropped, never sent on untranslated.
+    return f"NFQUEUE --queue-num {first}" if first == last else f"NFQUEUE --queue-balance {first}:{last}"
+
+
+def render(rules: GatewayRules) -> dict[str, list[str]]:
+    """The iptables-restore lines of each table (without ``*table`` and ``COMMIT``)."""
+    pre, select, post = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "SELECT", CHAIN_PREFIX + "POST"
+    mark = f"0x{rules.mark:x}/0x{rules.mark:x}"
+    raw = [f":{pre} - [0:0]", f":{select} - [0:0]"]
+    # Replies to an egress IP: kept out of the kernel's conntrack (the SNAT table is the
+    # state of record; a conntrack entry created from a reply would only be in the way)
+    # and sent to the worker whose port range holds the destination port.
+    for ip in rules.egress_ips:
+        raw.append(f"-A {pre} -d {ip}/32 -j CT --notrack")
+        single = len(rules.queues) == 1
+        for q in rules.queues:
+            span = f"{q.low}:{q.high}"
+            target = f"NFQUEUE --queue-num {q.queue}"
+            if single:
+                for protocol in ("tcp", "udp"):
+                    raw.append(f"-A {pre} -d {ip}/32 -p {protocol} -j {target}")
+                raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -j {target}")
+                for icmp_type in ICMP_ERROR_TYPES:
+                    raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type {icmp_type} -j {target}")
+                continue
+            for protocol in ("tcp", "udp"):
+                raw.append(f"-A {pre} -d {ip}/32 -p {protocol} --dport {span} -j {target}")
+            # u32 offsets (RFC 792): "0>>22&0x3C@" skips the IPv4 header to the ICMP header.
+            # An echo reply's identifier (the "port" of an ICMP flow) is its 16 bits at
+            # offset 4. An error quotes our packet from offset 8: its protocol is at 8 + 9,
+            # and after the quoted header ("8>>22&0x3C@") the quoted source port is at 8,
+            # a quoted echo request's identifier at 8 + 4.
+            raw.append(
+                f'-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -m u32 --u32 "0>>22&0x3C@4>>16={span}" '
+                f"-j {target}"
+            )
+            for icmp_type in ICMP_ERROR_TYPES:
+                for quoted, offset in (("6:17", 8), ("1", 12)):
+                    test = f"0>>22&0x3C@16>>16&0xFF={quoted} && 0>>22&0x3C@8>>22&0x3C@{offset}>>16={span}"
+                    match = f'-p icmp --icmp-type {icmp_type} -m u32 --u32 "{test}"'
+                    raw.append(f"-A {pre} -d {ip}/32 {match} -j {target}")
+    # Pods' packets to policy destinations: untracked and marked in raw PREROUTING
+    # (before conntrack), queued after routing in mangle POSTROUTING, where the worker
+    # classifies and rewrites the source (rewriting it to a local address before
+    # routing would have the kernel drop the packet as spoofed).
+    interfaces: Sequence[str | None] = rules.ingress_interfaces or (None,)
+    for network in rules.destinations:
+        for interface in interfaces:
+            match = f"-i {interface} " if interface else ""
+            raw.append(f"-A {pre} {match}-d {network} -j {select}")
+    raw.append(f"-A {select} -m addrtype --dst-type LOCAL -j RETURN")
+    for ip in rules.egress_ips:
+        raw.append(f"-A {select} -s {ip}/32 -j RETURN")
+    raw.append(f"-A {select} -j MARK --set-xmark {mark}")
+    raw.append(f"-A {select} -j CT --notrack")
+    mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {mark} -j {_queue_target(rules)}"]
+    return {"raw": raw, "mangle": mangle}
+
+
+JUMPS = {"raw": ("PREROUTING", CHAIN_PREFIX + "PRE"), "mangle": ("POSTROUTING", CHAIN_PREFIX + "POST")}
+
+
+def _run(argv: list[str], text_in: str | None = None) -> str:
+    try:
+        result = subprocess.run(argv, input=text_in, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError as error:
+        raise KernelError(2, f"{argv[0]} is not installed (Debian package iptables)") from error
+    except subprocess.TimeoutExpired as error:
+        raise KernelError(110, f"{' '.join(argv)} did not finish in 30 s") from error
+    if result.returncode != 0:
+        raise KernelError(
+            1, f"{' '.join(argv)} failed with exit code {result.returncode}: {result.stderr.strip()}"
+        )
+    return result.stdout
+
+
+def find_owned(save_text: str | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """Per table, the jump rules (as ``-A ...`` specs) and chains egresscore owns now."""
+    text = save_text if save_text is not None else _run(["iptables-save"])
+    owned: dict[str, tuple[list[str], list[str]]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":" + CHAIN_PREFIX):
+            owned.setdefault(table, ([], []))[1].append(line[1:].split()[0])
+        elif (
+            line.startswith("-A ")
+            and f"-j {CHAIN_PREFIX}" in line
+            and not line.split()[1].startswith(CHAIN_PREFIX)
+        ):
+            owned.setdefault(table, ([], []))[0].append(line)
+    return owned
+
+
+def _removal_lines(jumps: list[str], chains: list[str]) -> list[str]:
+    lines = ["-D " + rule[3:] for rule in jumps]
+    lines += [f"-F {chain}" for chain in chains]
+    lines += [f"-X {chain}" for chain in chains]
+    return lines
+
+
+def _restore(tables: dict[str, list[str]]) -> None:
+    text = "".join(
+        f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n" for table, lines in tables.items()
+    )
+    if text:
+        _run(["iptables-restore", "--noflush", "--wait"], text)
+
+
+def apply(rules: GatewayRules) -> None:
+    """Install (or replace) the gateway's rules in one transaction."""
+    owned = find_owned()
+    tables = render(rules)
+    for table, (builtin, chain) in JUMPS.items():
+        jumps, _chains = owned.get(table, ([], []))
+        if not any(rule.split()[1] == builtin and rule.endswith(f"-j {chain}") for rule in jumps):
+            tables[table].append(f'-I {builtin} 1 -m comment --comment "{COMMENT}" -j {chain}')
+    # Chains of an older rule set that this one no longer has (a changed role) go too.
+    for table, (jumps, chains) in owned.items():
+        wanted = {line[1:].split()[0] for line in tables.get(table, []) if line.startswith(":")}
+        stale = [c for c in chains if c not in wanted]
+        stale_jumps = [j for j in jumps if j.split("-j ")[-1].strip() in stale]
+        if stale:
+            tables.setdefault(table, []).extend(_removal_lines(stale_jumps, stale))
+    _restore(tables)
+
+
+def remove() -> bool:
+    """Delete every egresscore jump rule and chain; returns whether there was any."""
+    owned = find_owned()
+    if not owned:
+        return False
+    _restore({table: _removal_lines(jumps, chains) for table, (jumps, chains) in owned.items()})
+    return True

@@ -1,0 +1,174 @@
+"""The agent's configuration file, the gateway plan and the iptables rules it renders
+(no host is touched here; tests/test_gateway_network.py runs them for real)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+from pathlib import Path
+
+import pytest
+
+from egresscore.agent.config import ConfigError, load_config
+from egresscore.agent.gateway import plan_gateway, split_ports
+from egresscore.agent.iptables import CHAIN_PREFIX, GatewayRules, QueuePorts, find_owned, render
+
+DATA = Path(__file__).parent / "data" / "agent"
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    shutil.copy(DATA / "gateway-policies.yaml", tmp_path / "gateway-policies.yaml")
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_sample_configuration_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
+    path = write_config(tmp_path, (DATA / "gateway.yaml").read_text())
+    config = load_config(path)
+    assert config.node == "gw-1"
+    assert config.policies == (tmp_path / "gateway-policies.yaml",)
+    assert config.gateway.interface == "g1"
+    assert (config.gateway.first_queue, config.gateway.queue_count) == (0, 2)
+    assert config.gateway.fail_open is False  # fail closed unless asked
+    assert config.state_dir == Path("/run/egresscore-test")
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("policies: [a.yaml]\n", "node", "required"),
+        ("node: gw-1\n", "policies", "non-empty list"),
+        ("node: gw-1\npolicies: [a.yaml]\nnodes: 1\n", "nodes", "unknown field"),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {queues: {count: 0}}\n",
+            "gateway.queues.count",
+            "from 1 to 64",
+        ),
+        ("node: gw-1\npolicies: [a.yaml]\ngateway: {mark: 3}\n", "gateway.mark", "single bit"),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {interface: 'eth0; rm'}\n",
+            "gateway.interface",
+            "interface name",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {port_range: [2000, 1000]}\n",
+            "gateway.port_range[1]",
+            "2000",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {timeouts: {tcp_forever: 1}}\n",
+            "gateway.timeouts.tcp_forever",
+            "unknown",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {fail_open: yes-please}\n",
+            "gateway.fail_open",
+            "true or false",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {port_range: [5000, 5000], queues: {count: 2}}\n",
+            "gateway.port_range",
+            "cannot be split",
+        ),
+    ],
+)
+def test_a_bad_field_is_named_with_what_was_expected(
+    tmp_path: Path, text: str, path: str, message: str
+) -> None:
+    config_path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path)
+    assert caught.value.path == path
+    assert caught.value.source == str(config_path)
+    assert message in str(caught.value)
+
+
+def test_yaml_errors_say_where_and_tags_are_not_executed(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "node: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 1: not valid YAML"):
+        load_config(path)
+    path.write_text("node: !!python/object/apply:os.system ['true']\npolicies: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_ports_split_into_contiguous_covering_ranges() -> None:
+    assert split_ports(1024, 65535, 1) == [(1024, 65535)]
+    assert split_ports(1024, 65535, 2) == [(1024, 33279), (33280, 65535)]
+    ranges = split_ports(1000, 1010, 3)
+    assert ranges == [(1000, 1003), (1004, 1007), (1008, 1010)]
+
+
+def test_the_plan_takes_egress_ips_and_destinations_from_the_policies(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, (DATA / "gateway.yaml").read_text()))
+    plan = plan_gateway(config)
+    assert plan.egress_ips == (ipaddress.IPv4Address("192.0.2.10"),)
+    assert plan.destinations == (ipaddress.IPv4Network("203.0.113.0/24"),)
+    # One gateway in the classifier, and it is this node's: index 0 of the table.
+    assert plan.egress_of_gateway == (0,)
+    decision = plan.compiler.classifier.classify("198.18.1.2", "203.0.113.10")
+    assert decision.action.name == "SNAT"
+
+
+def test_another_node_gets_no_egress_ips(tmp_path: Path) -> None:
+    text = (DATA / "gateway.yaml").read_text().replace("node: gw-1", "node: node-a")
+    plan = plan_gateway(load_config(write_config(tmp_path, text)))
+    assert plan.egress_ips == ()
+    assert plan.destinations == ()
+    assert plan.egress_of_gateway == (None,)
+
+
+def rules(queues: int) -> GatewayRules:
+    return GatewayRules(
+        egress_ips=(ipaddress.IPv4Address("192.0.2.10"),),
+        destinations=(ipaddress.IPv4Network("203.0.113.0/24"),),
+        queues=tuple(
+            QueuePorts(q, low, high) for q, (low, high) in enumerate(split_ports(1024, 65535, queues))
+        ),
+        mark=0x400000,
+    )
+
+
+def test_rules_queue_replies_by_port_range_and_pods_by_balance() -> None:
+    tables = render(rules(2))
+    raw, mangle = tables["raw"], tables["mangle"]
+    pre = CHAIN_PREFIX + "PRE"
+    # Replies are untracked before they are queued, each port range to its own worker.
+    assert raw.index(f"-A {pre} -d 192.0.2.10/32 -j CT --notrack") < next(
+        i for i, line in enumerate(raw) if "NFQUEUE" in line
+    )
+    assert f"-A {pre} -d 192.0.2.10/32 -p tcp --dport 1024:33279 -j NFQUEUE --queue-num 0" in raw
+    assert f"-A {pre} -d 192.0.2.10/32 -p udp --dport 33280:65535 -j NFQUEUE --queue-num 1" in raw
+    assert f"-A {pre} -d 203.0.113.0/24 -j {CHAIN_PREFIX}SELECT" in raw
+    # Never a bypass: with no worker listening, policy packets are dropped, not leaked.
+    assert all("bypass" not in line for line in raw + mangle)
+    assert (
+        mangle[-1] == f"-A {CHAIN_PREFIX}POST -m mark --mark 0x400000/0x400000 -j NFQUEUE --queue-balance 0:1"
+    )
+
+
+def test_one_queue_needs_no_port_matches() -> None:
+    tables = render(rules(1))
+    assert not any("--dport" in line or "u32" in line for line in tables["raw"])
+    assert tables["mangle"][-1].endswith("-j NFQUEUE --queue-num 0")
+
+
+def test_owned_rules_are_found_by_chain_name_only() -> None:
+    saved = """*raw
+:PREROUTING ACCEPT [0:0]
+:EGRESSCORE-GW-PRE - [0:0]
+:CALI-PREROUTING - [0:0]
+-A PREROUTING -m comment --comment egresscore -j EGRESSCORE-GW-PRE
+-A PREROUTING -j CALI-PREROUTING
+-A EGRESSCORE-GW-PRE -d 192.0.2.10/32 -j CT --notrack
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -j MASQUERADE
+COMMIT
+"""
+    owned = find_owned(saved)
+    assert owned == {
+        "raw": (["-A PREROUTING -m comment --comment egresscore -j EGRESSCORE-GW-PRE"], ["EGRESSCORE-GW-PRE"])
+    }
