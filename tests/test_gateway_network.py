@@ -1,0 +1,183 @@
+"""The gateway role on real traffic (../shared/NETWORK_TESTS.md).
+
+A client namespace (the pod 198.18.1.2) reaches an external host (203.0.113.10)
+through the gateway namespace, where ``egresscore run --role gateway`` translates to
+the egress IP 192.0.2.10, and a router whose link to the external host has a
+1280-byte MTU. Every assertion is about what the external servers recorded, what
+the client received, or what is left in the gateway's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from network_lab import GatewayRun, require_network, write_gateway_config
+
+from egresscore.netlab import GatewayTopology, Lab, checksum_errors
+from egresscore.netlab.peers import read_records
+
+pytestmark = pytest.mark.network
+
+EGRESS = GatewayTopology.EGRESS_IP
+EXTERNAL = GatewayTopology.EXTERNAL_IP
+
+
+@dataclass
+class Site:
+    lab: Lab
+    topology: GatewayTopology
+    agent: GatewayRun
+
+    def load(self, *args: str, timeout: float = 60) -> dict[str, object]:
+        result = self.lab.run(
+            self.topology.client, sys.executable, "-m", "egresscore.netlab.load", *args,
+            timeout=timeout,
+        )  # fmt: skip
+        return dict(json.loads(result.stdout))
+
+    def server(self, kind: str, port: int) -> str:
+        record = str(self.lab.workdir / f"{kind}-{port}.jsonl")
+        process = self.lab.python(
+            self.topology.external, "egresscore.netlab.peers", kind, "--bind", EXTERNAL, "--port", str(port),
+            "--record", record, "--duration", "120", stdout=-1,
+        )  # fmt: skip
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == b"ready"
+        return record
+
+
+def build_site(offloads: bool) -> tuple[Lab, GatewayTopology, GatewayRun]:
+    lab = Lab()
+    try:
+        topology = GatewayTopology(lab, uplink_mtu=1280, offloads=offloads)
+        agent = GatewayRun(lab, topology.gateway, write_gateway_config(lab))
+    except BaseException:
+        lab.close()
+        raise
+    return lab, topology, agent
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["offloads-on", "offloads-off"])
+def site(request: pytest.FixtureRequest) -> Iterator[Site]:
+    require_network()
+    lab, topology, agent = build_site(request.param)
+    try:
+        yield Site(lab, topology, agent)
+        assert agent.stop() == 0
+    finally:
+        lab.close()
+
+
+def test_http_requests_leave_with_the_egress_ip(site: Site) -> None:
+    record = site.server("http", 8080)
+    result = site.load("http", "--url", f"http://{EXTERNAL}:8080/", "--count", "20", "--concurrency", "4")
+    assert result["ok"] == 20, result
+    peers = {r["peer"] for r in read_records(record)}
+    assert peers == {EGRESS}
+    # A large answer crosses the 1280-byte link: TCP's MSS and the gateway's GSO path.
+    result = site.load("http", "--url", f"http://{EXTERNAL}:8080/bytes?n=5000000", "--count", "2")
+    assert result["ok"] == 2, result
+
+
+def test_a_long_iperf3_stream_is_translated(site: Site) -> None:
+    log = site.lab.workdir / "iperf3-server.json"
+    server = site.lab.spawn(
+        site.topology.external, ["iperf3", "-s", "-1", "-J", "-B", EXTERNAL, "-p", "5201"], log=log.name
+    )
+    time.sleep(0.3)
+    client = site.lab.run(
+        site.topology.client, "iperf3", "-c", EXTERNAL, "-p", "5201", "-t", "3", "-J", timeout=30
+    )
+    result = json.loads(client.stdout)
+    assert result["end"]["sum_received"]["bytes"] > 10_000_000
+    server.wait(10)
+    seen = json.loads(log.read_text())
+    assert [c["remote_host"] for c in seen["start"]["connected"]] == [EGRESS]
+
+
+def test_udp_requests_get_their_answers(site: Site) -> None:
+    record = site.server("udp-echo", 7000)
+    result = site.load("udp-echo", "--host", EXTERNAL, "--port", "7000", "--count", "20")
+    assert result["replies"] == 20, result
+    records = read_records(record)
+    assert len(records) == 20
+    assert {r["peer"] for r in records} == {EGRESS}
+
+
+def test_icmp_echo_is_translated_both_ways(site: Site) -> None:
+    record = site.server("icmp", 0)
+    result = site.lab.run(
+        site.topology.client, "ping", "-c", "3", "-i", "0.2", "-W", "2", EXTERNAL, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 received" in result.stdout
+    seen = read_records(record)
+    assert len(seen) >= 3
+    assert {r["peer"] for r in seen} == {EGRESS}
+
+
+def test_fragmentation_needed_reaches_the_client(site: Site) -> None:
+    # 1400 bytes with DF set do not fit the router's 1280-byte link: the router's ICMP
+    # "fragmentation needed" goes to the egress IP, and the gateway must translate it
+    # (outer destination and the quoted packet) back to the client.
+    result = site.lab.run(
+        site.topology.client, "ping", "-M", "do", "-s", "1400", "-c", "2", "-i", "0.3", "-W", "2", EXTERNAL,
+        check=False,
+    )  # fmt: skip
+    assert (
+        "mtu = 1280" in result.stdout + result.stderr
+        or "message too long" in (result.stdout + result.stderr).lower()
+    )
+    route = site.lab.run(site.topology.client, "ip", "route", "get", EXTERNAL).stdout
+    assert "mtu 1280" in route, route
+    # The same for UDP: a too-large datagram's error quotes a UDP port.
+    site.lab.run(site.topology.client, "ip", "route", "flush", "cache")
+    assert "mtu 1280" not in site.lab.run(site.topology.client, "ip", "route", "get", EXTERNAL).stdout
+    # The socket must still be open when the error arrives: the kernel applies a UDP
+    # error to the socket it is about, and learns the path MTU then.
+    site.load(
+        "udp-echo", "--host", EXTERNAL, "--port", "7001", "--size", "1400", "--count", "1", "--timeout", "1"
+    )
+    deadline = time.monotonic() + 5
+    while "mtu 1280" not in site.lab.run(site.topology.client, "ip", "route", "get", EXTERNAL).stdout:
+        assert time.monotonic() < deadline, "no path MTU learned from a UDP datagram's ICMP error"
+        time.sleep(0.1)
+
+
+def test_no_checksum_errors_on_either_end(site: Site) -> None:
+    record = site.server("http", 8081)
+    result = site.load("http", "--url", f"http://{EXTERNAL}:8081/bytes?n=2000000", "--count", "5")
+    assert result["ok"] == 5
+    assert read_records(record)
+    for ns in (site.topology.external, site.topology.client):
+        errors = checksum_errors(site.lab, ns)
+        assert errors, "nstat reported no checksum counters"
+        assert all(value == 0 for value in errors.values()), (ns, errors)
+
+
+def test_many_short_connections_and_no_leaked_entries(site: Site) -> None:
+    record = site.server("tcp-sink", 9000)
+    result = site.load(
+        "connections", "--host", EXTERNAL, "--port", "9000", "--duration", "3", "--concurrency", "32"
+    )
+    assert result["failures"] == 0, result
+    assert int(result["connections"]) > 200, result  # type: ignore[call-overload]
+    time.sleep(0.5)
+    site.lab.stop(site.lab.processes[-1])
+    totals = read_records(record)
+    assert [(r["peer"], r["connections"]) for r in totals] == [(EGRESS, result["connections"])]
+    # Closed connections leave the table after TIME_WAIT (1 s in this configuration).
+    deadline = time.monotonic() + 15
+    while True:
+        entries = sum(status["entries"] for status in site.agent.status())
+        if entries == 0:
+            break
+        assert time.monotonic() < deadline, f"{entries} SNAT entries left: {site.agent.status()}"
+        time.sleep(0.3)
+    drops = sum(status["datapath"]["outbound_snat_drop"] for status in site.agent.status())
+    assert drops == 0
