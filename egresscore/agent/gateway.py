@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -35,6 +36,7 @@ from egresscore.policy.loader import load_files
 __all__ = ["GatewayAgent", "GatewayPlan", "plan_gateway", "split_ports"]
 
 OWNED_FILE = "gateway-owned.json"
+LOCK_NAME = b"\0egresscore-gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,10 @@ class GatewayAgent:
         self.workers: dict[int, tuple[BaseProcess, WorkerSpec]] = {}
         self.added_addresses: list[tuple[str, str]] = []
         self.stop_requested = False
+        # Set once this run may change the host: a run refused before that point (bad
+        # policies, another agent alive) must not undo anything on its way out.
+        self.owns_host = False
+        self._lock: socket.socket | None = None
         self.state_dir = config.state_dir
         self._context = multiprocessing.get_context("fork")
 
@@ -216,6 +222,20 @@ class GatewayAgent:
                 raise EgressCoreError(
                     f"another egresscore gateway (pid {pid}) is running with state directory {self.state_dir}"
                 )
+        # One gateway per network namespace, whatever its state directory: the chains and
+        # queues are the namespace's. An abstract socket's name is per namespace and goes
+        # away with its process, crashed or not.
+        self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._lock.bind(LOCK_NAME)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise EgressCoreError(
+                "another egresscore gateway is running in this network namespace "
+                f"(the abstract socket @{LOCK_NAME[1:].decode()} is taken)"
+            ) from None
+        self.owns_host = True
         removed_addresses = []
         for interface, address in leftovers.get("addresses", []):
             if remove_address(interface, ipaddress.ip_address(address)):
@@ -253,6 +273,8 @@ class GatewayAgent:
     def stop(self) -> None:
         """Stop the workers (they save their tables), then remove the rules and the
         addresses this run added. Never raises for a step that fails: it logs and goes on."""
+        if not self.owns_host:
+            return
         for process, _ in self.workers.values():
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -276,6 +298,9 @@ class GatewayAgent:
                 )
         self.added_addresses.clear()
         self._owned_path().unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         self.log.info("stopped")
 
     def status(self) -> dict[str, Any]:

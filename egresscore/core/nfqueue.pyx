@@ -153,9 +153,8 @@ class Packet(NamedTuple):
 def kernel_error(number, error, what):
     hint = ""
     if error == 1:
-        hint = " (CAP_NET_ADMIN is needed: run as root)"
-    elif error == 16:
-        hint = " (another process holds this queue)"
+        # EPERM: no CAP_NET_ADMIN, or (nfqnl_recv_config) the queue is bound to another socket.
+        hint = " (another socket holds this queue)" if os.geteuid() == 0 else " (CAP_NET_ADMIN is needed)"
     return KernelError(error, f"NFQUEUE {number}: cannot {what}: {os.strerror(error)}{hint}")
 
 

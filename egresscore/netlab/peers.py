@@ -98,7 +98,7 @@ def _serve_udp(args: argparse.Namespace, record: _Recorder, stop: threading.Even
         except TimeoutError:
             continue
         if echo:
-            record.write(peer=peer, peer_port=port, size=len(data))
+            record.write(peer=peer, peer_port=port, size=len(data), head=data[:32].decode("latin-1"))
             sock.sendto(data, (peer, port))
         else:
             counts[peer] += 1

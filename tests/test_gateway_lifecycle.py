@@ -1,0 +1,228 @@
+"""The gateway agent's life on a host: clean stop, crash and replacement, restart with
+established connections, and refusals that leave the host untouched
+(../shared/NETWORK_TESTS.md: namespaces only, real peers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from network_lab import GatewayRun, egresscore_command, require_network, write_gateway_config
+
+from egresscore.netlab import GatewayTopology, Lab
+from egresscore.netlab.peers import read_records
+
+pytestmark = pytest.mark.network
+
+EGRESS = GatewayTopology.EGRESS_IP
+EXTERNAL = GatewayTopology.EXTERNAL_IP
+
+
+@pytest.fixture
+def net() -> Iterator[tuple[Lab, GatewayTopology]]:
+    require_network()
+    lab = Lab()
+    try:
+        yield lab, GatewayTopology(lab)
+    finally:
+        lab.close()
+
+
+def host_state(lab: Lab, topology: GatewayTopology) -> tuple[list[str], bool]:
+    """The gateway namespace's egresscore rules, and whether the egress IP is on g1."""
+    rules = [
+        line
+        for line in lab.run(topology.gateway, "iptables-save").stdout.splitlines()
+        if "EGRESSCORE" in line
+    ]
+    addresses = lab.run(topology.gateway, "ip", "-4", "-o", "address", "show", "dev", "g1").stdout
+    return rules, f"{EGRESS}/32" in addresses
+
+
+def udp_sink(lab: Lab, topology: GatewayTopology, name: str) -> tuple[subprocess.Popen[bytes], str]:
+    record = str(lab.workdir / f"{name}.jsonl")
+    process = lab.python(
+        topology.external, "egresscore.netlab.peers", "udp-sink", "--bind", EXTERNAL, "--port", "7100",
+        "--record", record, "--duration", "60", stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+    return process, record
+
+
+def send_udp(lab: Lab, topology: GatewayTopology, count: int = 50) -> None:
+    lab.run(
+        topology.client, sys.executable, "-m", "egresscore.netlab.load", "udp", "--host", EXTERNAL,
+        "--port", "7100", "--count", str(count), "--rate", "500",
+    )  # fmt: skip
+
+
+def test_sigterm_removes_every_rule_and_address(net: tuple[Lab, GatewayTopology]) -> None:
+    lab, topology = net
+    agent = GatewayRun(lab, topology.gateway, write_gateway_config(lab))
+    rules, has_address = host_state(lab, topology)
+    assert rules and has_address
+    sink, record = udp_sink(lab, topology, "before-stop")
+    send_udp(lab, topology)
+    assert agent.stop() == 0
+    lab.stop(sink)
+    assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
+    assert host_state(lab, topology) == ([], False)
+    assert agent.wait_for("stopped")
+    assert all(status["state"] == "stopped" for status in agent.status())
+    # Each worker saved its table for the next run.
+    assert sorted(p.name for p in (agent.config.parent / "state").glob("*.snapshot")) == [
+        "snat-queue-0.snapshot",
+        "snat-queue-1.snapshot",
+    ]
+
+
+def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
+    net: tuple[Lab, GatewayTopology],
+) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab)
+    first = GatewayRun(lab, topology.gateway, config, "first.log")
+    first.crash()
+    rules, has_address = host_state(lab, topology)
+    assert rules and has_address  # nothing cleaned up: SIGKILL
+    # No worker listens and the rules have no bypass: the pod's packets are dropped, not
+    # sent on untranslated. The external sink sees nothing at all.
+    sink, record = udp_sink(lab, topology, "while-crashed")
+    send_udp(lab, topology)
+    time.sleep(0.5)
+    lab.stop(sink)
+    assert read_records(record) == []
+    second = GatewayRun(lab, topology.gateway, config, "second.log")
+    replaced = second.wait_for("replaced_leftovers")
+    assert replaced["iptables_rules"] is True
+    assert replaced["addresses"] == [f"{EGRESS} on g1"]
+    sink, record = udp_sink(lab, topology, "after-restart")
+    send_udp(lab, topology)
+    time.sleep(0.5)
+    lab.stop(sink)
+    assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
+    # One jump per built-in chain: the leftovers were replaced, not doubled.
+    jumps = [
+        line
+        for line in host_state(lab, topology)[0]
+        if line.startswith("-A PREROUTING") or line.startswith("-A POSTROUTING")
+    ]
+    assert len(jumps) == 2, jumps
+    assert second.stop() == 0
+    assert host_state(lab, topology) == ([], False)
+
+
+def test_an_iperf3_transfer_survives_a_restart_of_the_gateway(net: tuple[Lab, GatewayTopology]) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab)
+    first = GatewayRun(lab, topology.gateway, config, "first.log")
+    server_log = lab.workdir / "iperf3-server.json"
+    server = lab.spawn(
+        topology.external, ["iperf3", "-s", "-1", "-J", "-B", EXTERNAL, "-p", "5202"], log=server_log.name
+    )
+    time.sleep(0.3)
+    client_log = lab.workdir / "iperf3-client.json"
+    client = lab.spawn(
+        topology.client,
+        ["iperf3", "-c", EXTERNAL, "-p", "5202", "-t", "9", "-i", "1", "-J"],
+        log=client_log.name,
+    )
+    time.sleep(2.5)
+    assert first.stop() == 0
+    restarted_at = time.monotonic()
+    second = GatewayRun(lab, topology.gateway, config, "second.log")
+    restored = sum(
+        int(event["restored"]) for event in second.events() if event.get("event") == "worker_ready"
+    )
+    assert restored >= 1
+    assert client.wait(40) == 0, client_log.read_text()[-2000:]
+    result = json.loads(client_log.read_text())
+    intervals = [interval["sum"]["bytes"] for interval in result["intervals"]]
+    # Bytes moved before the restart, and again in the last seconds, on the same connection.
+    assert intervals[0] > 0
+    assert intervals[-1] > 0, intervals
+    assert time.monotonic() > restarted_at
+    assert result["end"]["sum_received"]["bytes"] > 0
+    server.wait(10)
+    assert [c["remote_host"] for c in json.loads(server_log.read_text())["start"]["connected"]] == [EGRESS]
+    assert second.stop() == 0
+
+
+def test_a_bad_policy_file_stops_the_start_before_the_host_changes(net: tuple[Lab, GatewayTopology]) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab)
+    policies = lab.workdir / "gateway-policies.yaml"
+    policies.write_text(policies.read_text().replace("egressIP: 192.0.2.10", "egressIP: 192.0.2.300"))
+    result = lab.run(
+        topology.gateway,
+        *egresscore_command(),
+        "run",
+        "--role",
+        "gateway",
+        "--config",
+        str(config),
+        check=False,
+    )
+    assert result.returncode == 1
+    failed = [json.loads(line) for line in result.stderr.splitlines() if '"failed"' in line]
+    assert failed and "gateway-policies.yaml" in failed[0]["error"] and "192.0.2.300" in failed[0]["error"]
+    assert host_state(lab, topology) == ([], False)
+
+
+def test_a_bad_configuration_is_reported_with_its_field(net: tuple[Lab, GatewayTopology]) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab, extra="  queue_count: 2\n")
+    result = lab.run(
+        topology.gateway,
+        *egresscore_command(),
+        "run",
+        "--role",
+        "gateway",
+        "--config",
+        str(config),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "gateway.queue_count: unknown field" in result.stderr
+    assert host_state(lab, topology) == ([], False)
+
+
+def test_a_second_agent_on_the_same_state_is_refused(net: tuple[Lab, GatewayTopology]) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab)
+    first = GatewayRun(lab, topology.gateway, config, "first.log")
+    result = lab.run(
+        topology.gateway,
+        *egresscore_command(),
+        "run",
+        "--role",
+        "gateway",
+        "--config",
+        str(config),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"another egresscore gateway (pid {first.process.pid})" in result.stderr
+    # Another state directory does not make a second gateway in the same namespace safe.
+    other = config.with_name("other.yaml")
+    other.write_text(config.read_text().replace("state_dir: state", "state_dir: other-state"))
+    result = lab.run(
+        topology.gateway,
+        *egresscore_command(),
+        "run",
+        "--role",
+        "gateway",
+        "--config",
+        str(other),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "another egresscore gateway is running in this network namespace" in result.stderr
+    # The refused agent removed nothing of the running one's.
+    rules, has_address = host_state(lab, topology)
+    assert rules and has_address
+    assert first.stop() == 0
