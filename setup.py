@@ -23,13 +23,16 @@ EXTENSION_MODULES = [
     "egresscore.core.selector",
     "egresscore.core.classifier",
     "egresscore.core.nfqueue",
+    "egresscore.core.kernel_conntrack",
     "egresscore.core.gateway",
 ]
 
-# C libraries an extension links with (Debian: libnetfilter-queue-dev, libmnl-dev).
+# C libraries an extension links with (Debian: libnetfilter-queue-dev, libmnl-dev,
+# libnetfilter-conntrack-dev).
 LIBRARIES = {
     "egresscore.core.nfqueue": ["netfilter_queue", "mnl"],
-    "egresscore.core.gateway": ["netfilter_queue", "mnl"],
+    "egresscore.core.kernel_conntrack": ["netfilter_conntrack", "nfnetlink"],
+    "egresscore.core.gateway": ["netfilter_queue", "mnl", "netfilter_conntrack", "nfnetlink"],
 }
 
 

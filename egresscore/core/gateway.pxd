@@ -3,6 +3,7 @@
 # finish partial checksums, and answer every packet exactly once.
 from egresscore.core._types cimport uint8_t, uint16_t, uint32_t, uint64_t
 from egresscore.core.classifier cimport Classifier
+from egresscore.core.kernel_conntrack cimport KernelConntrack
 from egresscore.core.nfqueue cimport NfQueue, QueuedPacket
 from egresscore.core.snat_table cimport SnatTable
 
@@ -20,13 +21,20 @@ cdef enum:
     O_OTHER_HOOK = 9
     O_CHECKSUM_FINISHED = 10
     O_NOT_IP = 11
-    OUTCOME_COUNT = 12
+    O_TCP_HANDED = 12
+    O_TCP_PASSED = 13
+    O_TCP_HANDOVER_FAILED = 14
+    O_TCP_RELEASED = 15
+    OUTCOME_COUNT = 16
 
 
 cdef class GatewayDatapath:
     cdef readonly NfQueue queue
     cdef readonly SnatTable table
     cdef readonly Classifier classifier
+    cdef readonly KernelConntrack kernel
+    cdef bint kernel_on
+    cdef uint32_t pass_mark
     cdef uint16_t *egress_of_gateway
     cdef Py_ssize_t gateway_count
     cdef bint set_mark
@@ -36,3 +44,4 @@ cdef class GatewayDatapath:
 
     cdef Py_ssize_t run_batch(self, bint wait) noexcept nogil
     cdef uint8_t finish_partial_checksum(self, QueuedPacket *p) noexcept nogil
+    cdef void hand_over(self, uint32_t index, QueuedPacket *p, uint32_t code, double now) noexcept nogil

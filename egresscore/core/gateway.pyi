@@ -4,6 +4,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from egresscore.core.classifier import Classifier
+from egresscore.core.kernel_conntrack import KernelConntrack
 from egresscore.core.nfqueue import NfQueue
 from egresscore.core.snat_table import SnatTable
 
@@ -24,7 +25,12 @@ class GatewayDatapath:
         egress_of_gateway: Iterable[int | None],
         *,
         mark: int | None = None,
+        kernel: KernelConntrack | None = None,
+        pass_mark: int = 0,
     ) -> None: ...
+    @property
+    def kernel(self) -> KernelConntrack | None: ...
+    def follow_kernel(self) -> int: ...
     def process(self, seconds: float) -> int: ...
     def drain(self) -> int: ...
     def counters(self) -> dict[str, float]: ...

@@ -10,9 +10,12 @@ routing, as spoofed). See docs/nfqueue.md for the rules that queue them.
 """
 
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
 
 from egresscore.core.checksum cimport fold, load16, store16, sum_words
 from egresscore.core.classifier cimport A_DROP, A_PASS, A_REDIRECT, A_SNAT
+from egresscore.core.kernel_conntrack cimport KernelConntrack
+from egresscore.core.snat_table cimport FlowKey
 from egresscore.core.packet cimport (
     NO_OFFSET,
     PARSE_OK,
@@ -29,6 +32,7 @@ from egresscore.includes.libnetfilter_queue cimport (
     NFQA_SKB_CSUMNOTREADY,
     NFQA_SKB_GSO,
 )
+from egresscore.includes.netinet cimport IPPROTO_TCP
 from egresscore.includes.sockets cimport CLOCK_MONOTONIC, EINTR, clock_gettime, timespec
 
 from egresscore.core.nfqueue import kernel_error
@@ -48,6 +52,10 @@ OUTCOME_NAMES = (
     "other_hook",
     "checksum_finished",
     "not_ip",
+    "tcp_handed_to_kernel",
+    "tcp_passed",
+    "tcp_handover_failed",
+    "tcp_released",
 )
 
 cdef enum:
@@ -55,6 +63,10 @@ cdef enum:
     # a datagram holding more than one packet.
     MAX_PAIRS = 2048
     NO_EGRESS = 0xFFFF
+    # A TCP flow's first packet is copied here to allocate its egress port without
+    # touching the packet itself (a SYN, possibly with Fast Open data).
+    SCRATCH = 2048
+    EEXIST_ERRNO = 17
 
 
 # The code of a packet that was not classified (not IPv4/IPv6, or not outbound).
@@ -81,13 +93,19 @@ cdef class GatewayDatapath:
     and counted as misdirected; a PASS is accepted as it is; DROP and REDIRECT are
     dropped (on a gateway, a redirect means the sender and this node disagree about
     the policy: fail closed). ``mark`` is set on every translated packet.
+
+    With ``kernel`` (a :class:`~egresscore.core.kernel_conntrack.KernelConntrack`), TCP
+    packets queued from PREROUTING are the first packets of flows (the rules queue SYNs
+    before conntrack): the egress port is allocated in the table and the flow handed to
+    the kernel's conntrack with that source NAT; the kernel translates the rest. A TCP
+    first packet the policy passes is accepted with ``pass_mark`` set.
     """
 
     def __cinit__(self):
         self.egress_of_gateway = NULL
 
     def __init__(self, NfQueue queue not None, SnatTable table not None, Classifier classifier not None,
-                 egress_of_gateway, *, mark=None):
+                 egress_of_gateway, *, mark=None, KernelConntrack kernel=None, pass_mark=0):
         cdef Py_ssize_t g
         gateways = list(egress_of_gateway)
         if len(gateways) != len(classifier.gateways):
@@ -114,6 +132,11 @@ cdef class GatewayDatapath:
         self.gateway_count = len(gateways)
         self.set_mark = mark is not None
         self.mark = mark or 0
+        self.kernel = kernel
+        self.kernel_on = kernel is not None
+        if not 0 <= pass_mark <= 0xFFFFFFFF:
+            raise ValueError(f"pass_mark {pass_mark}: expected a 32-bit unsigned value")
+        self.pass_mark = pass_mark
 
     def __dealloc__(self):
         free(self.egress_of_gateway)
@@ -134,6 +157,81 @@ cdef class GatewayDatapath:
             check = 0xFFFF      # RFC 768: a computed zero is sent as all ones
         store16(p.data + view.l4_checksum_offset, check)
         return 1
+
+    cdef void hand_over(self, uint32_t index, QueuedPacket *p, uint32_t code, double now) noexcept nogil:
+        # The first packet of a TCP flow, queued before conntrack. SNAT here: the table
+        # allocates the egress port (on a copy of the packet), the kernel gets the flow's
+        # conntrack entry with that source NAT, and the packet goes on untouched: the
+        # kernel finds the entry and translates it, and every packet after it.
+        cdef uint8_t scratch[SCRATCH]
+        cdef uint32_t offsets[2]
+        cdef uint32_t action = code & 0xF
+        cdef uint32_t gateway
+        cdef uint16_t egress
+        cdef uint8_t result, zero = 0
+        cdef uint32_t header
+        cdef int error
+        cdef FlowKey key
+        if action == A_PASS:
+            # Accepted with the pass mark: the rules save it on the connection, so that the
+            # kernel's later packets of this flow are known not to need a translation.
+            self.outcomes[O_TCP_PASSED] += 1
+            self.queue.verdict_packet(index, NF_ACCEPT, True, self.pass_mark, False)
+            return
+        gateway = (code >> 8) - 1
+        egress = NO_EGRESS
+        if action == A_SNAT and gateway < <uint32_t>self.gateway_count:
+            egress = self.egress_of_gateway[gateway]
+        if egress == NO_EGRESS:
+            self.outcomes[O_OUT_POLICY_DROP if action != A_SNAT else O_OUT_MISDIRECTED] += 1
+            self.queue.verdict_packet(index, NF_DROP, False, 0, False)
+            return
+        header = (p.data[0] & 0x0F) * 4
+        if p.length > SCRATCH or p.wire_length > p.length or p.length < header + 20:
+            self.outcomes[O_TRUNCATED] += 1
+            self.queue.verdict_packet(index, NF_DROP, False, 0, False)
+            return
+        memcpy(scratch, p.data, p.length)
+        offsets[0] = 0
+        offsets[1] = p.length
+        self.table.translate_run(False, scratch, offsets, 1, &egress, 0, &zero, 0, &result, now)
+        if result != VERDICT_TRANSLATED:
+            self.outcomes[O_OUT_SNAT_DROP] += 1
+            self.queue.verdict_packet(index, NF_DROP, False, 0, False)
+            return
+        error = self.kernel.create_tcp_snat(load32(p.data + 12), load32(p.data + 16), load16(p.data + header),
+                                            load16(p.data + header + 2), load32(scratch + 12),
+                                            load16(scratch + header))
+        if error != 0 and error != EEXIST_ERRNO:
+            # Not handed over: never let it out untranslated.
+            self.outcomes[O_TCP_HANDOVER_FAILED] += 1
+            self.queue.verdict_packet(index, NF_DROP, False, 0, False)
+            return
+        memset(&key, 0, sizeof(FlowKey))
+        memcpy(key.a, p.data + 12, 4)
+        memcpy(key.b, p.data + 16, 4)
+        key.port_a = load16(p.data + header)
+        key.port_b = load16(p.data + header + 2)
+        key.protocol = IPPROTO_TCP
+        key.family = 4
+        self.table.hold_flow(&key, now)
+        self.outcomes[O_TCP_HANDED] += 1
+        # Accepted with the batch verdict, unchanged.
+
+    def follow_kernel(self):
+        """Free the egress ports of flows whose kernel conntrack entries ended (their
+        destroy events); returns how many. Nothing to do without ``kernel``."""
+        cdef Py_ssize_t n, i
+        cdef Py_ssize_t freed = 0
+        if not self.kernel_on:
+            return 0
+        with nogil:
+            n = self.kernel.collect_destroyed()
+            for i in range(n):
+                if not self.kernel.flow_alive(&self.kernel.destroyed.keys[i]):
+                    freed += self.table.release_flow(&self.kernel.destroyed.keys[i])
+            self.outcomes[O_TCP_RELEASED] += freed
+        return freed
 
     cdef Py_ssize_t run_batch(self, bint wait) noexcept nogil:
         cdef Py_ssize_t n = self.queue.receive_batch(wait)
@@ -160,7 +258,10 @@ cdef class GatewayDatapath:
         for i in range(n):
             p = &self.queue.packets[i]
             code[i] = NO_CODE
-            if p.hook != NF_INET_POST_ROUTING or p.length < 1:
+            if p.length < 1:
+                continue
+            if p.hook != NF_INET_POST_ROUTING and not (
+                    self.kernel_on and p.hook == NF_INET_PRE_ROUTING and p.length >= 20 and p.data[9] == IPPROTO_TCP):
                 continue
             version = p.data[0] >> 4
             if version == 4 and p.length >= 20:
@@ -192,7 +293,9 @@ cdef class GatewayDatapath:
             partial = 1 if p.skb_info & NFQA_SKB_CSUMNOTREADY else 0
             offsets[0] = 0
             offsets[1] = p.length
-            if p.hook == NF_INET_PRE_ROUTING:
+            if p.hook == NF_INET_PRE_ROUTING and code[i] != NO_CODE:
+                self.hand_over(<uint32_t>i, p, code[i], now)
+            elif p.hook == NF_INET_PRE_ROUTING:
                 if p.wire_length > p.length:
                     self.outcomes[O_TRUNCATED] += 1
                     self.queue.verdict_packet(<uint32_t>i, NF_DROP, False, 0, False)
@@ -292,4 +395,6 @@ cdef class GatewayDatapath:
         result = {name: self.outcomes[k] for k, name in enumerate(OUTCOME_NAMES)}
         result["busy_seconds"] = self.busy_ns / 1e9
         result.update({f"queue_{key}": value for key, value in self.queue.counters().items()})
+        if self.kernel is not None:
+            result.update(self.kernel.counters())
         return result

@@ -187,3 +187,5 @@ cdef class SnatTable:
     cdef void prepare_inbound(self, const uint8_t *data, uint32_t length, PreparedPacket *p) noexcept nogil
     cdef uint8_t finish_inbound(self, uint8_t *data, PreparedPacket *p, bint partial, double now) noexcept nogil
     cdef void prefetch_buckets(self, PreparedPacket *group, Py_ssize_t count, bint reply) noexcept nogil
+    cdef bint hold_flow(self, const FlowKey *original, double now) noexcept nogil
+    cdef bint release_flow(self, const FlowKey *original) noexcept nogil

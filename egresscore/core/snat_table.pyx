@@ -1152,6 +1152,45 @@ cdef class SnatTable:
             return None
         return self.entry_object(self.entry(index))
 
+    cdef bint hold_flow(self, const FlowKey *original, double now) noexcept nogil:
+        # The kernel carries this flow from now on (docs/snat.md, "Flows the kernel
+        # carries"): its entry keeps its egress port as an established flow would, and
+        # is freed by release_flow when the kernel's connection ends.
+        cdef uint32_t index
+        cdef FlowEntry *e
+        pthread_mutex_lock(&self.lock)
+        index = self.find_original(original, hash_key(self.seed, original))
+        if index != NIL:
+            e = self.entry(index)
+            e.state = STATE_ESTABLISHED
+            e.flags |= FLAG_REPLIED
+            self.refresh(index, e, now)
+        pthread_mutex_unlock(&self.lock)
+        return index != NIL
+
+    cdef bint release_flow(self, const FlowKey *original) noexcept nogil:
+        cdef uint32_t index
+        pthread_mutex_lock(&self.lock)
+        index = self.find_original(original, hash_key(self.seed, original))
+        if index != NIL:
+            self.free_entry(index)
+        pthread_mutex_unlock(&self.lock)
+        return index != NIL
+
+    def hold(self, protocol, pod_ip, pod_port, remote_ip, remote_port, double now):
+        """Mark a flow as carried by the kernel: established, with the established
+        timeout from ``now``. Returns whether the flow was in the table."""
+        cdef FlowKey key
+        self.key_from_python(&key, protocol, pod_ip, pod_port, remote_ip, remote_port)
+        return self.hold_flow(&key, now)
+
+    def release(self, protocol, pod_ip, pod_port, remote_ip, remote_port):
+        """Free a flow's entry and its egress port now (its connection ended elsewhere).
+        Returns whether the flow was in the table."""
+        cdef FlowKey key
+        self.key_from_python(&key, protocol, pod_ip, pod_port, remote_ip, remote_port)
+        return self.release_flow(&key)
+
     def lookup_inbound(self, protocol, remote_ip, remote_port, egress_ip, egress_port):
         """The live entry a reply (remote → egress IP and port) would match, or None."""
         cdef FlowKey key
