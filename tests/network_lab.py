@@ -23,7 +23,7 @@ import pytest
 from egresscore.netlab import Lab
 
 DATA = Path(__file__).parent / "data" / "agent"
-TOOLS = ("ip", "iptables", "iptables-restore", "iperf3", "ethtool", "nstat", "ping", "sysctl")
+TOOLS = ("ip", "iptables", "iptables-restore", "iperf3", "ethtool", "nstat", "ping", "sysctl", "conntrack")
 _checked: str | None = None
 
 
@@ -80,6 +80,22 @@ gateway:
 {extra}"""
     )
     return path
+
+
+# The kernel's conntrack timeouts of a closing TCP connection, shortened in the gateway's
+# namespace like the SNAT table's, so that the entries of finished flows go within seconds.
+SHORT_KERNEL_TIMEOUTS = {
+    "net.netfilter.nf_conntrack_tcp_timeout_fin_wait": "2",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait": "2",
+    "net.netfilter.nf_conntrack_tcp_timeout_last_ack": "2",
+    "net.netfilter.nf_conntrack_tcp_timeout_time_wait": "1",
+    "net.netfilter.nf_conntrack_tcp_timeout_close": "1",
+}
+
+
+def shorten_kernel_timeouts(lab: Lab, namespace: str) -> None:
+    for key, value in SHORT_KERNEL_TIMEOUTS.items():
+        lab.sysctl(namespace, key, value)
 
 
 class GatewayRun:

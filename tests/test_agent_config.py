@@ -172,3 +172,36 @@ COMMIT
     assert owned == {
         "raw": (["-A PREROUTING -m comment --comment egresscore -j EGRESSCORE-GW-PRE"], ["EGRESSCORE-GW-PRE"])
     }
+
+
+def test_tcp_translation_is_checked(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "node: gw-1\npolicies: [a.yaml]\ngateway: {tcp_translation: magic}\n")
+    with pytest.raises(ConfigError, match="expected one of kernel, queue") as caught:
+        load_config(path)
+    assert caught.value.path == "gateway.tcp_translation"
+    path.write_text("node: gw-1\npolicies: [a.yaml]\ngateway: {tcp_translation: queue}\n")
+    assert load_config(path).gateway.tcp_translation == "queue"
+    path.write_text("node: gw-1\npolicies: [a.yaml]\n")
+    assert load_config(path).gateway.tcp_translation == "kernel"
+
+
+def test_tcp_in_the_kernel_queues_first_packets_only_and_fails_closed() -> None:
+    base = rules(2)
+    kernel = GatewayRules(base.egress_ips, base.destinations, base.queues, base.mark, tcp_in_kernel=True)
+    tables = render(kernel)
+    raw, mangle = tables["raw"], tables["mangle"]
+    pre, select = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "SELECT"
+    # TCP replies stay with the kernel's conntrack, ahead of the untracking rule.
+    assert raw.index(f"-A {pre} -d 192.0.2.10/32 -p tcp -j RETURN") < raw.index(
+        f"-A {pre} -d 192.0.2.10/32 -j CT --notrack"
+    )
+    assert not any("-p tcp --dport" in line for line in raw)
+    # Only a SYN goes to a worker, before conntrack; other TCP packets are left to it.
+    syn = raw.index(f"-A {select} -p tcp --syn -j NFQUEUE --queue-balance 0:1")
+    assert raw[syn + 1] == f"-A {select} -p tcp -j RETURN"
+    assert raw.index(f"-A {select} -j CT --notrack") > syn
+    # A pod's TCP packet whose connection has no worker-made NAT and no pass mark: dropped.
+    assert any("! --ctstate SNAT" in line and line.endswith("-j DROP") for line in mangle)
+    assert tables["nat"] == [f":{CHAIN_PREFIX}NAT - [0:0]"]
+    # The three mark bits are distinct.
+    assert len(set(kernel.marks())) == 3

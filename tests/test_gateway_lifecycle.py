@@ -105,13 +105,12 @@ def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
     time.sleep(0.5)
     lab.stop(sink)
     assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
-    # One jump per built-in chain: the leftovers were replaced, not doubled.
+    # One jump per chain it owns (raw PREROUTING, mangle PREROUTING and POSTROUTING, nat
+    # POSTROUTING): the leftovers were replaced, not doubled.
     jumps = [
-        line
-        for line in host_state(lab, topology)[0]
-        if line.startswith("-A PREROUTING") or line.startswith("-A POSTROUTING")
+        line for line in host_state(lab, topology)[0] if line.split()[1] in ("PREROUTING", "POSTROUTING")
     ]
-    assert len(jumps) == 2, jumps
+    assert len(jumps) == 4 and len(set(jumps)) == 4, jumps
     assert second.stop() == 0
     assert host_state(lab, topology) == ([], False)
 
@@ -146,7 +145,7 @@ def test_an_iperf3_transfer_survives_a_restart_of_the_gateway(net: tuple[Lab, Ga
     assert intervals[0] > 0
     assert intervals[-1] > 0, intervals
     assert time.monotonic() > restarted_at
-    assert result["end"]["sum_received"]["bytes"] > 0
+    assert result["end"].get("sum_received", {}).get("bytes", 0) > 0, json.dumps(result)[-3000:]
     server.wait(10)
     assert [c["remote_host"] for c in json.loads(server_log.read_text())["start"]["connected"]] == [EGRESS]
     assert second.stop() == 0

@@ -1899,3 +1899,38 @@ TestSnatTableAgainstReference.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
+
+
+def test_hold_keeps_a_flow_established_and_release_frees_its_port() -> None:
+    # The gateway hands a TCP flow to the kernel after its first packet: hold() keeps the
+    # entry (and its egress port) as an established flow; release() frees it when the
+    # kernel's connection ends.
+    from egresscore.core.snat_table import SnatState, SnatTable, Verdict
+
+    table = SnatTable(["192.0.2.10"], port_range=(20000, 20000))
+    syn = bytearray(
+        bytes(
+            dpkt.ip.IP(
+                src=bytes([198, 18, 1, 2]),
+                dst=bytes([203, 0, 113, 10]),
+                p=6,
+                data=dpkt.tcp.TCP(sport=40000, dport=80, flags=dpkt.tcp.TH_SYN),
+            )
+        )
+    )
+    assert table.translate_outbound(syn, "192.0.2.10", 100.0) == Verdict.TRANSLATED
+    assert table.hold(6, "198.18.1.2", 40000, "203.0.113.10", 80, 100.0)
+    entry = table.lookup_outbound(6, "198.18.1.2", 40000, "203.0.113.10", 80)
+    assert entry is not None and entry.state == SnatState.ESTABLISHED
+    assert entry.expires == 100.0 + table.timeouts["tcp_established"]
+    assert not table.hold(6, "198.18.1.2", 40001, "203.0.113.10", 80, 100.0)
+    # The only port is taken until release.
+    other = bytearray(syn)
+    other[12:16] = bytes([198, 18, 1, 3])
+    assert table.translate_outbound(other, "192.0.2.10", 101.0) == Verdict.DROP_PORT_EXHAUSTED
+    assert table.release(6, "198.18.1.2", 40000, "203.0.113.10", 80)
+    assert not table.release(6, "198.18.1.2", 40000, "203.0.113.10", 80)
+    assert len(table) == 0
+    other = bytearray(syn)
+    other[12:16] = bytes([198, 18, 1, 3])
+    assert table.translate_outbound(other, "192.0.2.10", 102.0) == Verdict.TRANSLATED

@@ -24,6 +24,9 @@ __all__ = ["AgentConfig", "ConfigError", "GatewayConfig", "load_config"]
 # Linux interface names: at most 15 bytes, no slash, whitespace or colon (IFNAMSIZ).
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 ROLES = ("gateway",)
+# How TCP flows are translated: "kernel" hands each flow to the kernel's conntrack with
+# the source NAT the SNAT table chose; "queue" rewrites every packet in user space.
+TCP_TRANSLATIONS = ("kernel", "queue")
 
 
 class ConfigError(PolicyError):
@@ -48,6 +51,7 @@ class GatewayConfig:
     queue_length: int = 4096
     mark: int = 0x00400000
     snapshot: bool = True
+    tcp_translation: str = "kernel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,7 @@ def _gateway(reader: _Reader, raw: Any) -> GatewayConfig:
         "queue_length",
         "mark",
         "snapshot",
+        "tcp_translation",
     )
     data = reader.mapping(raw if raw is not None else {}, "gateway", fields)
     values: dict[str, Any] = {}
@@ -167,10 +172,17 @@ def _gateway(reader: _Reader, raw: Any) -> GatewayConfig:
     if "queue_length" in data:
         values["queue_length"] = reader.integer(data["queue_length"], "gateway.queue_length", 1, 1_000_000)
     if "mark" in data:
-        mark = reader.integer(data["mark"], "gateway.mark", 1, 0xFFFFFFFF)
+        mark = reader.integer(data["mark"], "gateway.mark", 1, 0x20000000)
         if mark & (mark - 1):
             raise reader.error("gateway.mark", f"0x{mark:x}: expected a single bit (a power of two)")
         values["mark"] = mark
+    if "tcp_translation" in data:
+        mode = data["tcp_translation"]
+        if mode not in TCP_TRANSLATIONS:
+            raise reader.error(
+                "gateway.tcp_translation", f"{mode!r}: expected one of {', '.join(TCP_TRANSLATIONS)}"
+            )
+        values["tcp_translation"] = mode
     config = GatewayConfig(**values)
     low, high = config.port_range
     if high - low + 1 < config.queue_count:

@@ -152,21 +152,27 @@ class GatewayAgent:
                 gso=gateway.gso,
                 snapshot=gateway.snapshot,
                 status_interval=config.status_interval,
+                mark=gateway.mark,
+                tcp_in_kernel=gateway.tcp_translation == "kernel",
             )
             self._start_worker(spec)
-        if gateway.assign_egress_ips and gateway.interface is not None:
-            for ip in plan.egress_ips:
-                if add_address(gateway.interface, ip):
-                    self.added_addresses.append((gateway.interface, str(ip)))
-                    self._record_owned()
         rules = GatewayRules(
             egress_ips=plan.egress_ips,
             destinations=plan.destinations,
             queues=tuple(QueuePorts(spec.queue, *spec.port_range) for _, spec in self.workers.values()),
             mark=gateway.mark,
             ingress_interfaces=gateway.ingress_interfaces,
+            tcp_in_kernel=gateway.tcp_translation == "kernel",
         )
         iptables.apply(rules)
+        # The egress IPs come last, and go first on stop: a reply reaching a local egress IP
+        # without the rules (and the kernel NAT hooks their nat chain keeps) would reach the
+        # host's own TCP stack, which answers with a reset that kills the pod's connection.
+        if gateway.assign_egress_ips and gateway.interface is not None:
+            for ip in plan.egress_ips:
+                if add_address(gateway.interface, ip):
+                    self.added_addresses.append((gateway.interface, str(ip)))
+                    self._record_owned()
         self.log.info(
             "started",
             egress_ips=[str(ip) for ip in plan.egress_ips],
@@ -285,10 +291,6 @@ class GatewayAgent:
                 process.kill()
                 process.join(5)
         self.workers.clear()
-        try:
-            iptables.remove()
-        except EgressCoreError as error:
-            self.log.error("iptables_remove_failed", error=str(error))
         for interface, address in self.added_addresses:
             try:
                 remove_address(interface, ipaddress.ip_address(address))
@@ -297,6 +299,10 @@ class GatewayAgent:
                     "address_remove_failed", address=address, interface=interface, error=str(error)
                 )
         self.added_addresses.clear()
+        try:
+            iptables.remove()
+        except EgressCoreError as error:
+            self.log.error("iptables_remove_failed", error=str(error))
         self._owned_path().unlink(missing_ok=True)
         if self._lock is not None:
             self._lock.close()

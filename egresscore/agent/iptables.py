@@ -44,6 +44,12 @@ class GatewayRules:
     queues: tuple[QueuePorts, ...]
     mark: int
     ingress_interfaces: tuple[str, ...] = ()
+    tcp_in_kernel: bool = False
+
+    def marks(self) -> tuple[int, int, int]:
+        """The three mark bits: queued to a worker after routing; a TCP packet to a
+        policy destination; a connection the policy passes (saved as its connmark)."""
+        return self.mark, self.mark << 1, self.mark << 2
 
 
 def _queue_target(rules: GatewayRules) -> str:
@@ -56,25 +62,31 @@ def _queue_target(rules: GatewayRules) -> str:
 def render(rules: GatewayRules) -> dict[str, list[str]]:
     """The iptables-restore lines of each table (without ``*table`` and ``COMMIT``)."""
     pre, select, post = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "SELECT", CHAIN_PREFIX + "POST"
-    mark = f"0x{rules.mark:x}/0x{rules.mark:x}"
+    bits = rules.marks()
+    queued, tcp_selected, passed = (f"0x{bit:x}/0x{bit:x}" for bit in bits)
+    kernel = rules.tcp_in_kernel
     raw = [f":{pre} - [0:0]", f":{select} - [0:0]"]
     # Replies to an egress IP: kept out of the kernel's conntrack (the SNAT table is the
     # state of record; a conntrack entry created from a reply would only be in the way)
-    # and sent to the worker whose port range holds the destination port.
+    # and sent to the worker whose port range holds the destination port. With TCP in
+    # the kernel, TCP replies are left to the conntrack entries the workers created.
+    reply_protocols = ("udp",) if kernel else ("tcp", "udp")
     for ip in rules.egress_ips:
+        if kernel:
+            raw.append(f"-A {pre} -d {ip}/32 -p tcp -j RETURN")
         raw.append(f"-A {pre} -d {ip}/32 -j CT --notrack")
         single = len(rules.queues) == 1
         for q in rules.queues:
             span = f"{q.low}:{q.high}"
             target = f"NFQUEUE --queue-num {q.queue}"
             if single:
-                for protocol in ("tcp", "udp"):
+                for protocol in reply_protocols:
                     raw.append(f"-A {pre} -d {ip}/32 -p {protocol} -j {target}")
                 raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -j {target}")
                 for icmp_type in ICMP_ERROR_TYPES:
                     raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type {icmp_type} -j {target}")
                 continue
-            for protocol in ("tcp", "udp"):
+            for protocol in reply_protocols:
                 raw.append(f"-A {pre} -d {ip}/32 -p {protocol} --dport {span} -j {target}")
             # u32 offsets (RFC 792): "0>>22&0x3C@" skips the IPv4 header to the ICMP header.
             # An echo reply's identifier (the "port" of an ICMP flow) is its 16 bits at
@@ -85,15 +97,13 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
                 f'-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -m u32 --u32 "0>>22&0x3C@4>>16={span}" '
                 f"-j {target}"
             )
+            quotes = (("17", 8), ("1", 12)) if kernel else (("6:17", 8), ("1", 12))
             for icmp_type in ICMP_ERROR_TYPES:
-                for quoted, offset in (("6:17", 8), ("1", 12)):
+                for quoted, offset in quotes:
                     test = f"0>>22&0x3C@16>>16&0xFF={quoted} && 0>>22&0x3C@8>>22&0x3C@{offset}>>16={span}"
                     match = f'-p icmp --icmp-type {icmp_type} -m u32 --u32 "{test}"'
                     raw.append(f"-A {pre} -d {ip}/32 {match} -j {target}")
-    # Pods' packets to policy destinations: untracked and marked in raw PREROUTING
-    # (before conntrack), queued after routing in mangle POSTROUTING, where the worker
-    # classifies and rewrites the source (rewriting it to a local address before
-    # routing would have the kernel drop the packet as spoofed).
+    # Pods' packets to policy destinations, in raw PREROUTING (before conntrack).
     interfaces: Sequence[str | None] = rules.ingress_interfaces or (None,)
     for network in rules.destinations:
         for interface in interfaces:
@@ -102,13 +112,46 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
     raw.append(f"-A {select} -m addrtype --dst-type LOCAL -j RETURN")
     for ip in rules.egress_ips:
         raw.append(f"-A {select} -s {ip}/32 -j RETURN")
-    raw.append(f"-A {select} -j MARK --set-xmark {mark}")
+    if kernel:
+        # TCP: the first packet of a flow goes to a worker, which creates the flow's
+        # conntrack entry with its source NAT; the kernel translates everything after.
+        raw.append(f"-A {select} -p tcp -j MARK --set-xmark {tcp_selected}")
+        raw.append(f"-A {select} -p tcp --syn -j {_queue_target(rules)}")
+        raw.append(f"-A {select} -p tcp -j RETURN")
+    # Everything else: untracked and marked here, queued after routing in mangle
+    # POSTROUTING, where the worker classifies and rewrites the source (a source
+    # rewritten to a local address before routing makes the kernel drop the packet as
+    # spoofed).
+    raw.append(f"-A {select} -j MARK --set-xmark {queued}")
     raw.append(f"-A {select} -j CT --notrack")
-    mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {mark} -j {_queue_target(rules)}"]
-    return {"raw": raw, "mangle": mangle}
+    mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {queued} -j {_queue_target(rules)}"]
+    tables = {"raw": raw, "mangle": mangle}
+    if kernel:
+        remember = CHAIN_PREFIX + "REMEMBER"
+        nat = CHAIN_PREFIX + "NAT"
+        # A first packet the policy passes comes back with the pass mark: kept on its
+        # connection, so that its later packets are known to need no translation.
+        mangle.insert(1, f":{remember} - [0:0]")
+        mangle.append(f"-A {remember} -m mark --mark {passed} -j CONNMARK --save-mark --nfmask 0x{bits[2]:x} "
+                      f"--ctmask 0x{bits[2]:x}")  # fmt: skip
+        # Fail closed: a pod's TCP packet to a policy destination whose connection has no
+        # source NAT from a worker (its entry expired, or the flow is older than the
+        # gateway) and was not passed by the policy is dropped, never sent on as it is.
+        mangle.append(
+            f"-A {post} -p tcp -m mark --mark {tcp_selected} -m conntrack ! --ctstate SNAT "
+            f"-m connmark ! --mark {passed} -j DROP"
+        )
+        # The kernel's NAT hooks exist in a network namespace only while it has a nat
+        # table chain; the entries the workers create need them. The chain holds nothing.
+        tables["nat"] = [f":{nat} - [0:0]"]
+    return tables
 
 
-JUMPS = {"raw": ("PREROUTING", CHAIN_PREFIX + "PRE"), "mangle": ("POSTROUTING", CHAIN_PREFIX + "POST")}
+JUMPS = {
+    "raw": [("PREROUTING", CHAIN_PREFIX + "PRE")],
+    "mangle": [("POSTROUTING", CHAIN_PREFIX + "POST"), ("PREROUTING", CHAIN_PREFIX + "REMEMBER")],
+    "nat": [("POSTROUTING", CHAIN_PREFIX + "NAT")],
+}
 
 
 def _run(argv: list[str], text_in: str | None = None) -> str:
@@ -163,10 +206,14 @@ def apply(rules: GatewayRules) -> None:
     """Install (or replace) the gateway's rules in one transaction."""
     owned = find_owned()
     tables = render(rules)
-    for table, (builtin, chain) in JUMPS.items():
+    for table, lines in tables.items():
+        declared = {line[1:].split()[0] for line in lines if line.startswith(":")}
         jumps, _chains = owned.get(table, ([], []))
-        if not any(rule.split()[1] == builtin and rule.endswith(f"-j {chain}") for rule in jumps):
-            tables[table].append(f'-I {builtin} 1 -m comment --comment "{COMMENT}" -j {chain}')
+        for builtin, chain in JUMPS[table]:
+            if chain not in declared:
+                continue
+            if not any(rule.split()[1] == builtin and rule.endswith(f"-j {chain}") for rule in jumps):
+                lines.append(f'-I {builtin} 1 -m comment --comment "{COMMENT}" -j {chain}')
     # Chains of an older rule set that this one no longer has (a changed role) go too.
     for table, (jumps, chains) in owned.items():
         wanted = {line[1:].split()[0] for line in tables.get(table, []) if line.startswith(":")}

@@ -20,8 +20,9 @@ from typing import Any
 from egresscore.agent.log import EventLog
 from egresscore.core.classifier import Classifier
 from egresscore.core.gateway import GatewayDatapath
+from egresscore.core.kernel_conntrack import KernelConntrack
 from egresscore.core.nfqueue import NfQueue
-from egresscore.core.snat_table import SnatTable
+from egresscore.core.snat_table import SnatState, SnatTable
 from egresscore.errors import EgressCoreError, SnapshotError
 
 __all__ = ["WorkerSpec", "snapshot_path", "status_path", "worker_main"]
@@ -42,6 +43,8 @@ class WorkerSpec:
     gso: bool
     snapshot: bool
     status_interval: float
+    mark: int = 0x00400000
+    tcp_in_kernel: bool = False
 
 
 def snapshot_path(state_dir: Path, queue: int) -> Path:
@@ -72,6 +75,31 @@ def _status(spec: WorkerSpec, table: SnatTable, datapath: GatewayDatapath, state
         "table": table.counters(),
         "datapath": datapath.counters(),
     }
+
+
+# How often the table's TCP entries are checked against the kernel's conntrack even when
+# no destroy event was lost (a backstop; a lost event triggers a check at once).
+RESYNC_INTERVAL = 60.0
+TCP = 6
+
+
+def resync_with_kernel(table: SnatTable, kernel: KernelConntrack) -> int:
+    """Free the entries of TCP flows whose kernel entries are gone; returns how many.
+
+    The table is listed before the kernel is dumped, so a flow handed over in between
+    is not in the list and cannot be freed by mistake."""
+    held = [
+        (str(e.pod_ip), e.pod_port, str(e.remote_ip), e.remote_port)
+        for e in table.entries()
+        if e.protocol == TCP and e.state == SnatState.ESTABLISHED
+    ]
+    kernel.clear_events_lost()
+    live = kernel.live_flows()
+    freed = 0
+    for flow in held:
+        if flow not in live:
+            freed += table.release(TCP, *flow)
+    return freed
 
 
 def worker_main(spec: WorkerSpec, classifier: Classifier, ready: Connection, log: EventLog) -> None:
@@ -106,7 +134,12 @@ def worker_main(spec: WorkerSpec, classifier: Classifier, ready: Connection, log
             fail_open=spec.fail_open,
             gso=spec.gso,
         )
-        datapath = GatewayDatapath(queue, table, classifier, spec.egress_of_gateway)
+        # Subscribed to destroy events before the first entry is created, so that no
+        # entry of ours ends unnoticed.
+        kernel = KernelConntrack(mark=spec.mark) if spec.tcp_in_kernel else None
+        datapath = GatewayDatapath(
+            queue, table, classifier, spec.egress_of_gateway, kernel=kernel, pass_mark=spec.mark << 2
+        )
     except (EgressCoreError, OSError, ValueError) as error:
         ready.send(("error", f"queue {spec.queue}: {error}"))
         ready.close()
@@ -117,10 +150,21 @@ def worker_main(spec: WorkerSpec, classifier: Classifier, ready: Connection, log
     ready.send(("ready", restored))
     ready.close()
     next_status = 0.0
+    next_resync = time.monotonic() + RESYNC_INTERVAL
     try:
         while not stopping:
             datapath.process(0.2)
+            datapath.follow_kernel()
             now = time.monotonic()
+            if kernel is not None and (kernel.events_lost or now >= next_resync):
+                try:
+                    freed = resync_with_kernel(table, kernel)
+                except EgressCoreError as error:
+                    log.error("resync_failed", error=str(error))
+                else:
+                    if freed:
+                        log.warning("resync_freed", entries=freed)
+                next_resync = now + RESYNC_INTERVAL
             table.expire(now)
             if now >= next_status:
                 write_atomically(

@@ -206,6 +206,11 @@ class GatewayTopology:
 
     The router knows no route to 198.18.1.0/24, as the Internet knows none to a
     cluster's pods: a packet that leaves untranslated gets no answer.
+
+    With ``node_masquerade`` (the default) the gateway masquerades the pods' traffic
+    leaving g1 to its own address, 198.18.2.1, as a CNI does on a Kubernetes node: a
+    policy flow that slipped past egresscore would show up at the external host with
+    the node's address.
     """
 
     CLIENT_IP = "198.18.1.2"
@@ -215,7 +220,9 @@ class GatewayTopology:
     EXTERNAL_IP = "203.0.113.10"
     EGRESS_IP = "192.0.2.10"
 
-    def __init__(self, lab: Lab, *, uplink_mtu: int | None = None, offloads: bool = True) -> None:
+    def __init__(
+        self, lab: Lab, *, uplink_mtu: int | None = None, offloads: bool = True, node_masquerade: bool = True
+    ) -> None:
         self.lab = lab
         self.client = lab.namespace("cl")
         self.gateway = lab.namespace("gw")
@@ -237,6 +244,11 @@ class GatewayTopology:
         lab.route(self.external, "192.0.2.0/24", "203.0.113.1")
         for ns in (self.gateway, self.router):
             lab.sysctl(ns, "net.ipv4.ip_forward", "1")
+        if node_masquerade:
+            lab.run(
+                self.gateway, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "198.18.1.0/24", "-o", "g1",
+                "-j", "MASQUERADE",
+            )  # fmt: skip
         if not offloads:
             for ns, interface in (
                 (self.client, "c0"),
@@ -249,13 +261,17 @@ class GatewayTopology:
                 lab.offloads(ns, interface, False)
 
     def kernel_snat(self, egress_ip: str = EGRESS_IP) -> None:
-        """Make the gateway the kernel-only peer: the egress IP on g1 and an iptables SNAT rule."""
+        """Make the gateway the kernel-only peer: the egress IP on g1 and an iptables SNAT
+        rule (ahead of the node's masquerade)."""
         self.lab.address(self.gateway, "g1", f"{egress_ip}/32")
         self.lab.run(
-            self.gateway, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "198.18.1.0/24", "-o", "g1",
-            "-j", "SNAT", "--to-source", egress_ip,
+            self.gateway, "iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-s", "198.18.1.0/24",
+            "-o", "g1", "-j", "SNAT", "--to-source", egress_ip,
         )  # fmt: skip
 
     def remove_kernel_snat(self, egress_ip: str = EGRESS_IP) -> None:
-        self.lab.run(self.gateway, "iptables", "-t", "nat", "-F", "POSTROUTING")
+        self.lab.run(
+            self.gateway, "iptables", "-t", "nat", "-D", "POSTROUTING", "-s", "198.18.1.0/24", "-o", "g1",
+            "-j", "SNAT", "--to-source", egress_ip,
+        )  # fmt: skip
         self.lab.run(self.gateway, "ip", "address", "del", f"{egress_ip}/32", "dev", "g1")
