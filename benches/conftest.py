@@ -276,6 +276,7 @@ def build_summary(config: pytest.Config, benchmarks: list[Any]) -> dict[str, Any
     }
     targets.extend(snat_targets(config, groups))
     targets.extend(classifier_targets(groups))
+    targets.extend(gateway_targets(config))
     return {
         "mode": "quick" if quick_mode(config) else "full",
         "speedup_means": "peer mean time per operation / egresscore mean time per operation",
@@ -360,6 +361,10 @@ def pytest_benchmark_update_json(
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if config.stash.get(GATEWAY_RESULTS, None):
+        terminalreporter.write_sep("=", "gateway: egresscore vs kernel SNAT vs the netfilterqueue package")
+        for line in gateway_lines(config):
+            terminalreporter.write_line(line)
     timed = _timed_benchmarks(config)
     if not timed:
         return
@@ -536,3 +541,62 @@ def classifier_targets(groups: dict[str, dict[str, dict[str, Any]]]) -> list[dic
             ),
         ]
     return targets
+
+
+# === Gateway (bench_gateway.py) ====================================================================
+# Throughput, connections and small packets through the gateway namespace, per peer. Ratios are
+# egresscore's value over the peer's (above 1: egresscore moves more); the targets are the issue's.
+
+GATEWAY_RESULTS: Final = pytest.StashKey[dict[str, dict[str, dict[str, Any]]]]()
+GATEWAY_METRICS: Final = ("tcp-1", "tcp-4", "conn", "udp64")
+GATEWAY_PEERS: Final = ("egresscore", "egresscore-queue", "kernel-snat", "netfilterqueue")
+
+
+def _gateway_ratio(results: dict[str, dict[str, dict[str, Any]]], metric: str, peer: str) -> float | None:
+    rows = results.get(metric, {})
+    ours, theirs = rows.get("egresscore"), rows.get(peer)
+    if not ours or not theirs or not theirs.get("value"):
+        return None
+    return float(ours["value"]) / float(theirs["value"])
+
+
+def gateway_targets(config: pytest.Config) -> list[dict[str, Any]]:
+    results = config.stash.get(GATEWAY_RESULTS, {})
+    if not results:
+        return []
+    targets = []
+    for metric in ("tcp-1", "tcp-4"):
+        kernel = _gateway_ratio(results, metric, "kernel-snat")
+        package = _gateway_ratio(results, metric, "netfilterqueue")
+        targets.append(_target(f"gateway {metric} >= 0.9x kernel SNAT", kernel, ">=", 0.9, "x"))
+        targets.append(_target(f"gateway {metric} >= 10x netfilterqueue package", package, ">=", 10.0, "x"))
+    targets.append(_target("gateway new connections/s >= 0.8x kernel SNAT",
+                           _gateway_ratio(results, "conn", "kernel-snat"), ">=", 0.8, "x"))  # fmt: skip
+    udp = results.get("udp64", {}).get("egresscore")
+    targets.append(_target("gateway small-UDP loss = 0 at the generator's rate",
+                           None if udp is None else float(udp["loss"]), "<=", 0.0, "x"))  # fmt: skip
+    return targets
+
+
+def gateway_lines(config: pytest.Config) -> Iterator[str]:
+    results = config.stash.get(GATEWAY_RESULTS, {})
+    yield "value per peer (one measurement each, same topology, same run); ratio = egresscore / peer"
+    yield "CPU: user+system time of the peer's processes over the measurement / packets queued to them"
+    yield (f"{'metric':<8}{'peer':<18}{'value':>16}  {'unit':<11}{'egresscore/peer':>16}"
+           f"{'CPU s':>8}{'queued':>10}{'us/queued':>11}  other")  # fmt: skip
+    for metric in GATEWAY_METRICS:
+        rows = results.get(metric, {})
+        for position, peer in enumerate(p for p in GATEWAY_PEERS if p in rows):
+            row = rows[peer]
+            ratio = "" if peer == "egresscore" else _format_ratio(_gateway_ratio(results, metric, peer))
+            cpu = f"{row['cpu_seconds']:.2f}" if "cpu_seconds" in row else "-"
+            queued = f"{row['packets_handed']:,}" if "packets_handed" in row else "-"
+            per = f"{row['us_per_packet']:.1f}" if row.get("us_per_packet") is not None else "-"
+            other = ", ".join(f"{key}={row[key]:.4g}" if isinstance(row[key], float) else f"{key}={row[key]}"
+                              for key in ("failures", "sent", "received", "loss") if key in row)  # fmt: skip
+            yield (f"{metric if position == 0 else '':<8}{peer:<18}{row['value']:>16,.2f}  {row['unit']:<11}"
+                   f"{ratio:>16}{cpu:>8}{queued:>10}{per:>11}  {other}")  # fmt: skip
+    yield ""
+    for target in gateway_targets(config):
+        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
+        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"

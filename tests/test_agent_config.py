@@ -133,14 +133,18 @@ def rules(queues: int) -> GatewayRules:
 def test_rules_queue_replies_by_port_range_and_pods_by_balance() -> None:
     tables = render(rules(2))
     raw, mangle = tables["raw"], tables["mangle"]
-    pre = CHAIN_PREFIX + "PRE"
+    pre, reply, select = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "REPLY", CHAIN_PREFIX + "SELECT"
+    # One rule per egress IP and per destination in the entry chain.
+    assert [line for line in raw if line.startswith(f"-A {pre} ")] == [
+        f"-A {pre} -d 192.0.2.10/32 -g {reply}",
+        f"-A {pre} -d 203.0.113.0/24 -g {select}",
+    ]
     # Replies are untracked before they are queued, each port range to its own worker.
-    assert raw.index(f"-A {pre} -d 192.0.2.10/32 -j CT --notrack") < next(
+    assert raw.index(f"-A {reply} -j CT --notrack") < next(
         i for i, line in enumerate(raw) if "NFQUEUE" in line
     )
-    assert f"-A {pre} -d 192.0.2.10/32 -p tcp --dport 1024:33279 -j NFQUEUE --queue-num 0" in raw
-    assert f"-A {pre} -d 192.0.2.10/32 -p udp --dport 33280:65535 -j NFQUEUE --queue-num 1" in raw
-    assert f"-A {pre} -d 203.0.113.0/24 -j {CHAIN_PREFIX}SELECT" in raw
+    assert f"-A {reply} -p tcp --dport 1024:33279 -j NFQUEUE --queue-num 0" in raw
+    assert f"-A {reply} -p udp --dport 33280:65535 -j NFQUEUE --queue-num 1" in raw
     # Never a bypass: with no worker listening, policy packets are dropped, not leaked.
     assert all("bypass" not in line for line in raw + mangle)
     assert (
@@ -190,16 +194,16 @@ def test_tcp_in_the_kernel_queues_first_packets_only_and_fails_closed() -> None:
     kernel = GatewayRules(base.egress_ips, base.destinations, base.queues, base.mark, tcp_in_kernel=True)
     tables = render(kernel)
     raw, mangle = tables["raw"], tables["mangle"]
-    pre, select = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "SELECT"
+    reply, select, tcp = CHAIN_PREFIX + "REPLY", CHAIN_PREFIX + "SELECT", CHAIN_PREFIX + "TCP"
     # TCP replies stay with the kernel's conntrack, ahead of the untracking rule.
-    assert raw.index(f"-A {pre} -d 192.0.2.10/32 -p tcp -j RETURN") < raw.index(
-        f"-A {pre} -d 192.0.2.10/32 -j CT --notrack"
-    )
+    assert raw.index(f"-A {reply} -p tcp -j RETURN") < raw.index(f"-A {reply} -j CT --notrack")
     assert not any("-p tcp --dport" in line for line in raw)
-    # Only a SYN goes to a worker, before conntrack; other TCP packets are left to it.
-    syn = raw.index(f"-A {select} -p tcp --syn -j NFQUEUE --queue-balance 0:1")
-    assert raw[syn + 1] == f"-A {select} -p tcp -j RETURN"
-    assert raw.index(f"-A {select} -j CT --notrack") > syn
+    # Every TCP packet is marked; only a SYN goes on to a worker, before conntrack.
+    assert raw.index(f"-A {select} -p tcp -g {tcp}") < raw.index(f"-A {select} -j CT --notrack")
+    chain = [line for line in raw if line.startswith(f"-A {tcp} ")]
+    assert chain[0] == f"-A {tcp} -j MARK --set-xmark 0x800000/0x800000"
+    assert chain[1] == f"-A {tcp} -p tcp ! --syn -j RETURN"
+    assert chain[-1] == f"-A {tcp} -j NFQUEUE --queue-balance 0:1"
     # A pod's TCP packet whose connection has no worker-made NAT and no pass mark: dropped.
     assert any("! --ctstate SNAT" in line and line.endswith("-j DROP") for line in mangle)
     assert tables["nat"] == [f":{CHAIN_PREFIX}NAT - [0:0]"]

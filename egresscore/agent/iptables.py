@@ -61,67 +61,76 @@ def _queue_target(rules: GatewayRules) -> str:
 
 def render(rules: GatewayRules) -> dict[str, list[str]]:
     """The iptables-restore lines of each table (without ``*table`` and ``COMMIT``)."""
-    pre, select, post = CHAIN_PREFIX + "PRE", CHAIN_PREFIX + "SELECT", CHAIN_PREFIX + "POST"
+    pre, reply, select, tcp = (CHAIN_PREFIX + name for name in ("PRE", "REPLY", "SELECT", "TCP"))
+    post = CHAIN_PREFIX + "POST"
     bits = rules.marks()
     queued, tcp_selected, passed = (f"0x{bit:x}/0x{bit:x}" for bit in bits)
     kernel = rules.tcp_in_kernel
-    raw = [f":{pre} - [0:0]", f":{select} - [0:0]"]
+    raw = [f":{pre} - [0:0]", f":{reply} - [0:0]", f":{select} - [0:0]"]
+    if kernel:
+        raw.append(f":{tcp} - [0:0]")
+    # The entry chain holds one rule per egress IP and per policy destination, so that a
+    # packet of neither kind costs a few address compares and nothing more.
+    interfaces: Sequence[str | None] = rules.ingress_interfaces or (None,)
+    for ip in rules.egress_ips:
+        raw.append(f"-A {pre} -d {ip}/32 -g {reply}")
+    for network in rules.destinations:
+        for interface in interfaces:
+            match = f"-i {interface} " if interface else ""
+            raw.append(f"-A {pre} {match}-d {network} -g {select}")
     # Replies to an egress IP: kept out of the kernel's conntrack (the SNAT table is the
     # state of record; a conntrack entry created from a reply would only be in the way)
     # and sent to the worker whose port range holds the destination port. With TCP in
     # the kernel, TCP replies are left to the conntrack entries the workers created.
-    reply_protocols = ("udp",) if kernel else ("tcp", "udp")
-    for ip in rules.egress_ips:
-        if kernel:
-            raw.append(f"-A {pre} -d {ip}/32 -p tcp -j RETURN")
-        raw.append(f"-A {pre} -d {ip}/32 -j CT --notrack")
-        single = len(rules.queues) == 1
-        for q in rules.queues:
-            span = f"{q.low}:{q.high}"
-            target = f"NFQUEUE --queue-num {q.queue}"
-            if single:
-                for protocol in reply_protocols:
-                    raw.append(f"-A {pre} -d {ip}/32 -p {protocol} -j {target}")
-                raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -j {target}")
-                for icmp_type in ICMP_ERROR_TYPES:
-                    raw.append(f"-A {pre} -d {ip}/32 -p icmp --icmp-type {icmp_type} -j {target}")
-                continue
-            for protocol in reply_protocols:
-                raw.append(f"-A {pre} -d {ip}/32 -p {protocol} --dport {span} -j {target}")
-            # u32 offsets (RFC 792): "0>>22&0x3C@" skips the IPv4 header to the ICMP header.
-            # An echo reply's identifier (the "port" of an ICMP flow) is its 16 bits at
-            # offset 4. An error quotes our packet from offset 8: its protocol is at 8 + 9,
-            # and after the quoted header ("8>>22&0x3C@") the quoted source port is at 8,
-            # a quoted echo request's identifier at 8 + 4.
-            raw.append(
-                f'-A {pre} -d {ip}/32 -p icmp --icmp-type echo-reply -m u32 --u32 "0>>22&0x3C@4>>16={span}" '
-                f"-j {target}"
-            )
-            quotes = (("17", 8), ("1", 12)) if kernel else (("6:17", 8), ("1", 12))
-            for icmp_type in ICMP_ERROR_TYPES:
-                for quoted, offset in quotes:
-                    test = f"0>>22&0x3C@16>>16&0xFF={quoted} && 0>>22&0x3C@8>>22&0x3C@{offset}>>16={span}"
-                    match = f'-p icmp --icmp-type {icmp_type} -m u32 --u32 "{test}"'
-                    raw.append(f"-A {pre} -d {ip}/32 {match} -j {target}")
-    # Pods' packets to policy destinations, in raw PREROUTING (before conntrack).
-    interfaces: Sequence[str | None] = rules.ingress_interfaces or (None,)
-    for network in rules.destinations:
-        for interface in interfaces:
-            match = f"-i {interface} " if interface else ""
-            raw.append(f"-A {pre} {match}-d {network} -j {select}")
-    raw.append(f"-A {select} -m addrtype --dst-type LOCAL -j RETURN")
-    for ip in rules.egress_ips:
-        raw.append(f"-A {select} -s {ip}/32 -j RETURN")
     if kernel:
-        # TCP: the first packet of a flow goes to a worker, which creates the flow's
-        # conntrack entry with its source NAT; the kernel translates everything after.
-        raw.append(f"-A {select} -p tcp -j MARK --set-xmark {tcp_selected}")
-        raw.append(f"-A {select} -p tcp --syn -j {_queue_target(rules)}")
-        raw.append(f"-A {select} -p tcp -j RETURN")
+        raw.append(f"-A {reply} -p tcp -j RETURN")
+    raw.append(f"-A {reply} -j CT --notrack")
+    reply_protocols = ("udp",) if kernel else ("tcp", "udp")
+    single = len(rules.queues) == 1
+    for q in rules.queues:
+        span = f"{q.low}:{q.high}"
+        target = f"NFQUEUE --queue-num {q.queue}"
+        if single:
+            for protocol in reply_protocols:
+                raw.append(f"-A {reply} -p {protocol} -j {target}")
+            raw.append(f"-A {reply} -p icmp --icmp-type echo-reply -j {target}")
+            for icmp_type in ICMP_ERROR_TYPES:
+                raw.append(f"-A {reply} -p icmp --icmp-type {icmp_type} -j {target}")
+            continue
+        for protocol in reply_protocols:
+            raw.append(f"-A {reply} -p {protocol} --dport {span} -j {target}")
+        # u32 offsets (RFC 792): "0>>22&0x3C@" skips the IPv4 header to the ICMP header.
+        # An echo reply's identifier (the "port" of an ICMP flow) is its 16 bits at
+        # offset 4. An error quotes our packet from offset 8: its protocol is at 8 + 9,
+        # and after the quoted header ("8>>22&0x3C@") the quoted source port is at 8,
+        # a quoted echo request's identifier at 8 + 4.
+        raw.append(
+            f'-A {reply} -p icmp --icmp-type echo-reply -m u32 --u32 "0>>22&0x3C@4>>16={span}" -j {target}'
+        )
+        quotes = (("17", 8), ("1", 12)) if kernel else (("6:17", 8), ("1", 12))
+        for icmp_type in ICMP_ERROR_TYPES:
+            for quoted, offset in quotes:
+                test = f"0>>22&0x3C@16>>16&0xFF={quoted} && 0>>22&0x3C@8>>22&0x3C@{offset}>>16={span}"
+                raw.append(f'-A {reply} -p icmp --icmp-type {icmp_type} -m u32 --u32 "{test}" -j {target}')
+    # Pods' packets to policy destinations, in raw PREROUTING (before conntrack).
+    if kernel:
+        # TCP: every packet is marked for the fail-closed rule below; the first packet
+        # of a flow goes to a worker, which creates the flow's conntrack entry with its
+        # source NAT; the kernel translates everything after it.
+        raw.append(f"-A {select} -p tcp -g {tcp}")
+        raw.append(f"-A {tcp} -j MARK --set-xmark {tcp_selected}")
+        raw.append(f"-A {tcp} -p tcp ! --syn -j RETURN")
+        raw.append(f"-A {tcp} -m addrtype --dst-type LOCAL -j RETURN")
+        for ip in rules.egress_ips:
+            raw.append(f"-A {tcp} -s {ip}/32 -j RETURN")
+        raw.append(f"-A {tcp} -j {_queue_target(rules)}")
     # Everything else: untracked and marked here, queued after routing in mangle
     # POSTROUTING, where the worker classifies and rewrites the source (a source
     # rewritten to a local address before routing makes the kernel drop the packet as
     # spoofed).
+    raw.append(f"-A {select} -m addrtype --dst-type LOCAL -j RETURN")
+    for ip in rules.egress_ips:
+        raw.append(f"-A {select} -s {ip}/32 -j RETURN")
     raw.append(f"-A {select} -j MARK --set-xmark {queued}")
     raw.append(f"-A {select} -j CT --notrack")
     mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {queued} -j {_queue_target(rules)}"]
@@ -132,13 +141,15 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
         # A first packet the policy passes comes back with the pass mark: kept on its
         # connection, so that its later packets are known to need no translation.
         mangle.insert(1, f":{remember} - [0:0]")
-        mangle.append(f"-A {remember} -m mark --mark {passed} -j CONNMARK --save-mark --nfmask 0x{bits[2]:x} "
-                      f"--ctmask 0x{bits[2]:x}")  # fmt: skip
+        mangle.append(
+            f"-A {remember} -m mark --mark {passed} -j CONNMARK --save-mark --nfmask 0x{bits[2]:x} "
+            f"--ctmask 0x{bits[2]:x}"
+        )
         # Fail closed: a pod's TCP packet to a policy destination whose connection has no
         # source NAT from a worker (its entry expired, or the flow is older than the
         # gateway) and was not passed by the policy is dropped, never sent on as it is.
         mangle.append(
-            f"-A {post} -p tcp -m mark --mark {tcp_selected} -m conntrack ! --ctstate SNAT "
+            f"-A {post} -m mark --mark {tcp_selected} -m conntrack ! --ctstate SNAT "
             f"-m connmark ! --mark {passed} -j DROP"
         )
         # The kernel's NAT hooks exist in a network namespace only while it has a nat

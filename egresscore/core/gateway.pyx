@@ -228,7 +228,7 @@ cdef class GatewayDatapath:
         with nogil:
             n = self.kernel.collect_destroyed()
             for i in range(n):
-                if not self.kernel.flow_alive(&self.kernel.destroyed.keys[i]):
+                if self.kernel.should_release(&self.kernel.destroyed.keys[i]):
                     freed += self.table.release_flow(&self.kernel.destroyed.keys[i])
             self.outcomes[O_TCP_RELEASED] += freed
         return freed

@@ -16,6 +16,17 @@ ctypedef struct DestroyedFlows:
     bint growable            # a dump grows the array; the event collector does not
 
 
+ctypedef struct ExpectedDestroy:
+    # A slot of the direct-mapped table of destroy events this gateway caused itself
+    # (a closing entry it replaced); count 0 is an empty slot.
+    FlowKey key
+    uint32_t count
+
+
+cdef enum:
+    EXPECTED_SLOTS = 65536
+
+
 ctypedef struct QueryResult:
     # Filled by the callback of a GET on the query socket.
     int found
@@ -33,6 +44,9 @@ cdef class KernelConntrack:
     cdef QueryResult found
     cdef uint64_t c_replaced
     cdef uint64_t c_event_losses
+    cdef ExpectedDestroy *expected
+    cdef uint64_t c_expected_evictions
+    cdef uint64_t c_expected_consumed
     cdef bint lost_events
     cdef uint64_t c_still_alive
     cdef uint64_t c_created
@@ -49,3 +63,5 @@ cdef class KernelConntrack:
                         uint16_t destination_port) noexcept nogil
     cdef int lookup_tcp_state(self) noexcept nogil
     cdef bint flow_alive(self, const FlowKey *key) noexcept nogil
+    cdef void expect_destroy(self, const FlowKey *key) noexcept nogil
+    cdef bint should_release(self, const FlowKey *key) noexcept nogil

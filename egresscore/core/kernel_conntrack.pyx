@@ -9,8 +9,8 @@ their destroy events tell the gateway when to free the egress port again.
 """
 
 from libc.errno cimport errno
-from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, memset
 
 from egresscore.includes.libc_extra cimport htonl, ntohl
 from egresscore.includes.libnetfilter_conntrack cimport (
@@ -79,6 +79,18 @@ cdef extern from "<arpa/inet.h>" nogil:
     uint16_t c_ntohs "ntohs"(uint16_t value)
 
 
+cdef inline uint32_t slot_of(const FlowKey *key) noexcept nogil:
+    cdef uint32_t a, b
+    cdef uint64_t h
+    memcpy(&a, key.a, 4)
+    memcpy(&b, key.b, 4)
+    h = ((<uint64_t>a << 32) | b) ^ ((<uint64_t>key.port_a << 16) | key.port_b) * 0x9E3779B97F4A7C15ULL
+    h ^= h >> 29
+    h *= 0xBF58476D1CE4E5B9ULL
+    h ^= h >> 32
+    return <uint32_t>(h & (EXPECTED_SLOTS - 1))
+
+
 cdef bint grow(DestroyedFlows *out) noexcept nogil:
     cdef uint32_t capacity = out.capacity * 2 if out.capacity else 1024
     cdef FlowKey *keys = <FlowKey *>realloc(out.keys, <size_t>capacity * sizeof(FlowKey))
@@ -137,6 +149,7 @@ cdef class KernelConntrack:
         self.entry = NULL
         self.destroyed.keys = NULL
         self.dumped.keys = NULL
+        self.expected = NULL
 
     def __init__(self, *, mark, int syn_timeout=120, bint events=True, int capacity=65536,
                  int event_buffer=32 * 1024 * 1024):
@@ -154,7 +167,8 @@ cdef class KernelConntrack:
         self.destroyed.capacity = capacity
         self.destroyed.keys = <FlowKey *>realloc(NULL, capacity * sizeof(FlowKey))
         self.entry = nfct_new()
-        if self.destroyed.keys == NULL or self.entry == NULL:
+        self.expected = <ExpectedDestroy *>calloc(EXPECTED_SLOTS, sizeof(ExpectedDestroy))
+        if self.destroyed.keys == NULL or self.entry == NULL or self.expected == NULL:
             raise MemoryError()
         self.queries = nfct_open(CONNTRACK, 0)
         if self.queries == NULL:
@@ -181,6 +195,7 @@ cdef class KernelConntrack:
             nfct_destroy(self.entry)
         free(self.destroyed.keys)
         free(self.dumped.keys)
+        free(self.expected)
 
     cdef void set_tuple(self, uint32_t source, uint32_t destination, uint16_t source_port,
                         uint16_t destination_port) noexcept nogil:
@@ -214,6 +229,8 @@ cdef class KernelConntrack:
         # refuses if that tuple is taken.
         cdef nf_conntrack *ct = self.entry
         cdef int attempt, state
+        cdef FlowKey key
+        cdef uint32_t network
         for attempt in range(3):
             self.set_tuple(source, destination, source_port, destination_port)
             nfct_set_attr_u32(ct, ATTR_SNAT_IPV4, htonl(egress))
@@ -240,9 +257,43 @@ cdef class KernelConntrack:
             if nfct_query(self.queries, NFCT_Q_DESTROY, ct) != 0 and errno != 2:
                 break
             self.c_replaced += 1
+            memset(&key, 0, sizeof(FlowKey))
+            network = htonl(source)
+            memcpy(key.a, &network, 4)
+            network = htonl(destination)
+            memcpy(key.b, &network, 4)
+            key.port_a = source_port
+            key.port_b = destination_port
+            key.protocol = IPPROTO_TCP
+            key.family = 4
+            self.expect_destroy(&key)
         self.last_errno = errno
         self.c_failed += 1
         return errno if errno != 0 else 5
+
+    cdef void expect_destroy(self, const FlowKey *key) noexcept nogil:
+        # The destroy event of the entry just replaced will come: it must not free the
+        # table entry, which the new connection of the same tuple goes on using.
+        cdef ExpectedDestroy *slot = &self.expected[slot_of(key)]
+        if slot.count and memcmp(&slot.key, key, sizeof(FlowKey)) == 0:
+            slot.count += 1
+            return
+        if slot.count:
+            self.c_expected_evictions += 1
+        slot.key = key[0]
+        slot.count = 1
+
+    cdef bint should_release(self, const FlowKey *key) noexcept nogil:
+        # Whether a destroy event for this tuple frees its table entry: not when it is one
+        # we caused (replace); when an expectation was ever evicted, ask the kernel.
+        cdef ExpectedDestroy *slot = &self.expected[slot_of(key)]
+        if slot.count and memcmp(&slot.key, key, sizeof(FlowKey)) == 0:
+            slot.count -= 1
+            self.c_expected_consumed += 1
+            return False
+        if self.c_expected_evictions:
+            return not self.flow_alive(key)
+        return True
 
     cdef bint flow_alive(self, const FlowKey *key) noexcept nogil:
         # Whether the kernel has an entry for this original tuple now (a destroy event
@@ -337,6 +388,8 @@ cdef class KernelConntrack:
             "kernel_released": self.c_released,
             "kernel_replaced_closing": self.c_replaced,
             "kernel_destroyed_but_alive": self.c_still_alive,
+            "kernel_expected_destroys": self.c_expected_consumed,
+            "kernel_expected_evictions": self.c_expected_evictions,
             "kernel_destroy_events": self.destroyed.events,
             "kernel_destroy_overflow": self.destroyed.overflow,
             "kernel_last_errno": self.last_errno,
