@@ -197,6 +197,9 @@ def test_tcp_in_the_kernel_queues_first_packets_only_and_fails_closed() -> None:
     reply, select, tcp = CHAIN_PREFIX + "REPLY", CHAIN_PREFIX + "SELECT", CHAIN_PREFIX + "TCP"
     # TCP replies stay with the kernel's conntrack, ahead of the untracking rule.
     assert raw.index(f"-A {reply} -p tcp -j RETURN") < raw.index(f"-A {reply} -j CT --notrack")
+    # So do ICMP errors quoting TCP (path MTU discovery of kernel-translated flows).
+    quoting_tcp = f'-A {reply} -p icmp -m u32 --u32 "0>>22&0x3C@16>>16&0xFF=6" -j RETURN'
+    assert raw.index(quoting_tcp) < raw.index(f"-A {reply} -j CT --notrack")
     assert not any("-p tcp --dport" in line for line in raw)
     # Every TCP packet is marked; only a SYN goes on to a worker, before conntrack.
     assert raw.index(f"-A {select} -p tcp -g {tcp}") < raw.index(f"-A {select} -j CT --notrack")

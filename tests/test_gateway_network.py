@@ -2,9 +2,11 @@
 
 A client namespace (the pod 198.18.1.2) reaches an external host (203.0.113.10)
 through the gateway namespace, where ``egresscore run --role gateway`` translates to
-the egress IP 192.0.2.10, and a router whose link to the external host has a
-1280-byte MTU. Every assertion is about what the external servers recorded, what
-the client received, or what is left in the gateway's namespace.
+the egress IP 192.0.2.10, and a router whose side of the link to the external host
+has a 1280-byte MTU (the external host's side keeps 1500, so TCP to it needs path MTU
+discovery through the gateway: a broken one stalls the transfers). Every assertion is
+about what the external servers recorded, what the client received, or what is left
+in the gateway's namespace.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Site:
 def build_site(offloads: bool, tcp: str) -> tuple[Lab, GatewayTopology, GatewayRun]:
     lab = Lab()
     try:
-        topology = GatewayTopology(lab, uplink_mtu=1280, offloads=offloads)
+        topology = GatewayTopology(lab, router_mtu=1280, offloads=offloads)
         shorten_kernel_timeouts(lab, topology.gateway)
         config = write_gateway_config(lab, extra=f"  tcp_translation: {tcp}\n")
         agent = GatewayRun(lab, topology.gateway, config)
@@ -99,6 +101,9 @@ def test_http_requests_leave_with_the_egress_ip(site: Site) -> None:
 
 
 def test_a_long_iperf3_stream_is_translated(site: Site) -> None:
+    # The client sends: its 1460-byte segments meet the router's 1280-byte link, so this
+    # also proves that the router's "fragmentation needed" about a TCP segment reaches
+    # the client through the gateway.
     log = site.lab.workdir / "iperf3-server.json"
     server = site.lab.spawn(
         site.topology.external, ["iperf3", "-s", "-1", "-J", "-B", EXTERNAL, "-p", "5201"], log=log.name

@@ -84,6 +84,10 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
     # the kernel, TCP replies are left to the conntrack entries the workers created.
     if kernel:
         raw.append(f"-A {reply} -p tcp -j RETURN")
+        # An ICMP error quoting a TCP packet belongs to a kernel-translated flow too: its
+        # conntrack entry translates it (outer destination and quoted source) as RELATED.
+        # u32: the quoted protocol is at ICMP offset 8 + 9.
+        raw.append(f'-A {reply} -p icmp -m u32 --u32 "0>>22&0x3C@16>>16&0xFF=6" -j RETURN')
     raw.append(f"-A {reply} -j CT --notrack")
     reply_protocols = ("udp",) if kernel else ("tcp", "udp")
     single = len(rules.queues) == 1

@@ -200,7 +200,7 @@ class GatewayTopology:
         client "cl"  c0 198.18.1.2/24, default via 198.18.1.1           (a pod)
         gateway "gw" g0 198.18.1.1/24 | g1 198.18.2.1/24               (egress IPs go on g1)
                      203.0.113.0/24 and 198.51.100.0/24 via 198.18.2.2; forwarding
-        router "rt"  r0 198.18.2.2/24 | r1 203.0.113.1/24 (mtu: uplink_mtu)
+        router "rt"  r0 198.18.2.2/24 | r1 203.0.113.1/24 (mtu: uplink_mtu or router_mtu)
                      192.0.2.0/24 via 198.18.2.1; forwarding; no route to the pods
         external "ex" e0 203.0.113.10/24, 192.0.2.0/24 via 203.0.113.1
 
@@ -221,7 +221,13 @@ class GatewayTopology:
     EGRESS_IP = "192.0.2.10"
 
     def __init__(
-        self, lab: Lab, *, uplink_mtu: int | None = None, offloads: bool = True, node_masquerade: bool = True
+        self,
+        lab: Lab,
+        *,
+        uplink_mtu: int | None = None,
+        router_mtu: int | None = None,
+        offloads: bool = True,
+        node_masquerade: bool = True,
     ) -> None:
         self.lab = lab
         self.client = lab.namespace("cl")
@@ -231,6 +237,7 @@ class GatewayTopology:
         lab.veth(self.client, "c0", self.gateway, "g0")
         lab.veth(self.gateway, "g1", self.router, "r0")
         lab.veth(self.router, "r1", self.external, "e0", mtu=uplink_mtu)
+
         lab.address(self.client, "c0", "198.18.1.2/24")
         lab.route(self.client, "default", "198.18.1.1")
         lab.address(self.gateway, "g0", "198.18.1.1/24")
@@ -242,6 +249,16 @@ class GatewayTopology:
         lab.route(self.router, "192.0.2.0/24", "198.18.2.1")
         lab.address(self.external, "e0", "203.0.113.10/24")
         lab.route(self.external, "192.0.2.0/24", "203.0.113.1")
+        if router_mtu is not None:
+            # Only the router's side is narrow. The external host keeps announcing a
+            # 1460-byte MSS, so a TCP sender toward it must learn the path MTU from the
+            # router's ICMP errors; its own packets toward the cluster are kept within
+            # the narrow link by its route (a veth drops larger frames without a word).
+            lab.run(self.router, "ip", "link", "set", "r1", "mtu", str(router_mtu))
+            lab.run(
+                self.external, "ip", "route", "replace", "192.0.2.0/24", "via", "203.0.113.1",
+                "mtu", str(router_mtu), "advmss", "1460",
+            )  # fmt: skip
         for ns in (self.gateway, self.router):
             lab.sysctl(ns, "net.ipv4.ip_forward", "1")
         if node_masquerade:
