@@ -16,11 +16,17 @@ from egresscore.errors import KernelError
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queue", type=int, required=True)
-    parser.add_argument("--mode", choices=("accept-mark", "drop", "rewrite", "leave", "busy"), required=True)
+    parser.add_argument(
+        "--mode", choices=("accept-mark", "drop", "rewrite", "leave", "busy", "late"), required=True
+    )
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    queue = NfQueue(args.queue, batch_size=8, timeout=0.1)
+    # "late": a small socket buffer and a worker that starts reading only after a burst,
+    # so that the kernel cannot deliver everything (ENOBUFS), then accepts all it gets.
+    late = args.mode == "late"
+    queue = NfQueue(args.queue, batch_size=8, timeout=0.1, receive_buffer=65536 if late else 16 * 1024 * 1024,
+                    max_length=100000 if late else 4096)  # fmt: skip
     if args.mode == "busy":
         try:
             NfQueue(args.queue)
@@ -29,6 +35,8 @@ def main() -> None:
         queue.close()
         return
     print("ready", flush=True)
+    if late:
+        time.sleep(2)
     seen = 0
     deadline = time.monotonic() + args.seconds
     while seen < args.count and time.monotonic() < deadline:
@@ -37,7 +45,7 @@ def main() -> None:
             print(
                 json.dumps({"id": packet.id, "hook": packet.hook, "length": len(packet.payload)}), flush=True
             )
-            if args.mode == "accept-mark":
+            if args.mode in ("accept-mark", "late"):
                 queue.verdict(packet, ACCEPT, mark=0x42)
             elif args.mode == "drop":
                 queue.verdict(packet, DROP)
