@@ -211,3 +211,30 @@ def test_many_short_connections_and_no_leaked_entries(site: Site) -> None:
         assert sum(c["kernel_failed"] for c in counters) == 0
     else:
         assert handed == 0
+
+
+def test_a_pod_no_policy_selects_is_left_to_the_node(site: Site) -> None:
+    # 198.18.1.3 is no endpoint of the inventory: the classifier passes its flows. With
+    # TCP in the kernel the worker accepts the SYN with the pass mark and the node's own
+    # masquerade applies, as for any pod without a policy: the external host sees the
+    # node's address. With every TCP packet in user space the flow is untracked and
+    # leaves as it is (docs/agent.md), so nothing comes back to it.
+    record = site.server("http", 8082)
+    site.lab.run(site.topology.client, "ip", "address", "add", "198.18.1.3/24", "dev", "c0", check=False)
+    script = (
+        "import http.client, sys\n"
+        "c = http.client.HTTPConnection(sys.argv[1], 8082, timeout=3, source_address=('198.18.1.3', 0))\n"
+        "c.request('GET', '/'); print(c.getresponse().status)\n"
+    )
+    result = site.lab.run(site.topology.client, sys.executable, "-c", script, EXTERNAL, check=False)
+    peers = [r["peer"] for r in read_records(record)]
+    if site.tcp == "kernel":
+        assert result.stdout.strip() == "200", result.stderr
+        assert peers == [GatewayTopology.GATEWAY_UPLINK_IP]
+        deadline = time.monotonic() + 5  # the workers write their status every 0.2 s
+        while sum(status["datapath"]["tcp_passed"] for status in site.agent.status()) < 1:
+            assert time.monotonic() < deadline, site.agent.status()
+            time.sleep(0.1)
+    else:
+        assert result.returncode != 0
+        assert peers == []

@@ -202,7 +202,7 @@ class GatewayTopology:
                      203.0.113.0/24 and 198.51.100.0/24 via 198.18.2.2; forwarding
         router "rt"  r0 198.18.2.2/24 | r1 203.0.113.1/24 (mtu: uplink_mtu or router_mtu)
                      192.0.2.0/24 via 198.18.2.1; forwarding; no route to the pods
-        external "ex" e0 203.0.113.10/24, 192.0.2.0/24 via 203.0.113.1
+        external "ex" e0 203.0.113.10/24, 192.0.2.0/24 and 198.18.2.0/24 via 203.0.113.1
 
     The router knows no route to 198.18.1.0/24, as the Internet knows none to a
     cluster's pods: a packet that leaves untranslated gets no answer.
@@ -249,6 +249,9 @@ class GatewayTopology:
         lab.route(self.router, "192.0.2.0/24", "198.18.2.1")
         lab.address(self.external, "e0", "203.0.113.10/24")
         lab.route(self.external, "192.0.2.0/24", "203.0.113.1")
+        # The nodes' own addresses are reachable, as on a real network: a packet that
+        # leaves with the node's address gets its answer, and the server records it.
+        lab.route(self.external, "198.18.2.0/24", "203.0.113.1")
         if router_mtu is not None:
             # Only the router's side is narrow. The external host keeps announcing a
             # 1460-byte MSS, so a TCP sender toward it must learn the path MTU from the
