@@ -171,6 +171,7 @@ cdef class GatewayDatapath:
         cdef uint8_t result, zero = 0
         cdef uint32_t header
         cdef int error
+        cdef uint64_t created
         cdef FlowKey key
         if action == A_PASS:
             # Accepted with the pass mark: the rules save it on the connection, so that the
@@ -194,6 +195,7 @@ cdef class GatewayDatapath:
         memcpy(scratch, p.data, p.length)
         offsets[0] = 0
         offsets[1] = p.length
+        created = self.table.created
         self.table.translate_run(False, scratch, offsets, 1, &egress, 0, &zero, 0, &result, now)
         if result != VERDICT_TRANSLATED:
             self.outcomes[O_OUT_SNAT_DROP] += 1
@@ -201,7 +203,7 @@ cdef class GatewayDatapath:
             return
         error = self.kernel.create_tcp_snat(load32(p.data + 12), load32(p.data + 16), load16(p.data + header),
                                             load16(p.data + header + 2), load32(scratch + 12),
-                                            load16(scratch + header))
+                                            load16(scratch + header), self.table.created == created)
         if error != 0 and error != EEXIST_ERRNO:
             # Not handed over: never let it out untranslated.
             self.outcomes[O_TCP_HANDOVER_FAILED] += 1

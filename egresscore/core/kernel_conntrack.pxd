@@ -56,7 +56,8 @@ cdef class KernelConntrack:
     cdef int last_errno
 
     cdef int create_tcp_snat(self, uint32_t source, uint32_t destination, uint16_t source_port,
-                             uint16_t destination_port, uint32_t egress, uint16_t egress_port) noexcept nogil
+                             uint16_t destination_port, uint32_t egress, uint16_t egress_port,
+                             bint replace) noexcept nogil
     cdef Py_ssize_t collect_destroyed(self) noexcept nogil
     cdef Py_ssize_t dump_ours(self) noexcept nogil
     cdef void set_tuple(self, uint32_t source, uint32_t destination, uint16_t source_port,

@@ -222,15 +222,34 @@ cdef class KernelConntrack:
         return self.found.tcp_state
 
     cdef int create_tcp_snat(self, uint32_t source, uint32_t destination, uint16_t source_port,
-                             uint16_t destination_port, uint32_t egress, uint16_t egress_port) noexcept nogil:
+                             uint16_t destination_port, uint32_t egress, uint16_t egress_port,
+                             bint replace) noexcept nogil:
         # Addresses and ports in host order. Returns 0, or the errno of the refusal
         # (EEXIST: the flow has its live entry already, as for a retransmitted SYN). The
         # kernel's NAT setup rewrites the reply tuple to the egress address and port, and
-        # refuses if that tuple is taken.
+        # refuses if that tuple is taken. With `replace` (the SNAT table knew this tuple
+        # already: a client reusing its port, or a SYN sent again), whatever entry the
+        # kernel has for the tuple is removed first: a closing one would otherwise be
+        # replaced by the kernel with an entry without our NAT, and one in SYN_SENT is
+        # the same flow with the same NAT, recreated.
         cdef nf_conntrack *ct = self.entry
         cdef int attempt, state
         cdef FlowKey key
         cdef uint32_t network
+        if replace:
+            self.set_tuple(source, destination, source_port, destination_port)
+            if nfct_query(self.queries, NFCT_Q_DESTROY, ct) == 0:
+                self.c_replaced += 1
+                memset(&key, 0, sizeof(FlowKey))
+                network = htonl(source)
+                memcpy(key.a, &network, 4)
+                network = htonl(destination)
+                memcpy(key.b, &network, 4)
+                key.port_a = source_port
+                key.port_b = destination_port
+                key.protocol = IPPROTO_TCP
+                key.family = 4
+                self.expect_destroy(&key)
         for attempt in range(3):
             self.set_tuple(source, destination, source_port, destination_port)
             nfct_set_attr_u32(ct, ATTR_SNAT_IPV4, htonl(egress))
@@ -341,7 +360,7 @@ cdef class KernelConntrack:
         cdef int result
         with nogil:
             result = self.create_tcp_snat(s, d, <uint16_t>source_port, <uint16_t>destination_port, e,
-                                          <uint16_t>egress_port)
+                                          <uint16_t>egress_port, False)
         return result
 
     def live_flows(self):
