@@ -25,6 +25,7 @@ EXTENSION_MODULES = [
     "egresscore.core.nfqueue",
     "egresscore.core.kernel_conntrack",
     "egresscore.core.gateway",
+    "egresscore.core.node",
 ]
 
 # C libraries an extension links with (Debian: libnetfilter-queue-dev, libmnl-dev,
@@ -33,6 +34,7 @@ LIBRARIES = {
     "egresscore.core.nfqueue": ["netfilter_queue", "mnl"],
     "egresscore.core.kernel_conntrack": ["netfilter_conntrack", "nfnetlink"],
     "egresscore.core.gateway": ["netfilter_queue", "mnl", "netfilter_conntrack", "nfnetlink"],
+    "egresscore.core.node": ["netfilter_queue", "mnl"],
 }
 
 

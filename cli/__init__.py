@@ -95,40 +95,49 @@ def validate(files: tuple[str, ...]) -> None:
     )
 
 
-@main.command()
-@click.option("--role", type=click.Choice(["gateway"]), required=True, help="What this node does.")
-@click.option(
+ROLE_CHOICE = click.Choice(["node", "gateway", "both"])
+CONFIG_OPTION = click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False),
     required=True,
     help="The agent's configuration file (docs/agent.md).",
 )
+
+
+@main.command()
+@click.option("--role", type=ROLE_CHOICE, required=True, help="What this node does.")
+@CONFIG_OPTION
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def run(role: str, config_file: str, log_format: str) -> None:
     """Run the agent in the foreground until SIGTERM or SIGINT.
 
-    Programs this host (iptables chains, egress IPs), runs one worker per NFQUEUE
-    queue, and on exit removes everything it installed. Logs are JSON lines on
-    standard error.
+    node: decides each local pod's flow once and redirects the selected ones through
+    the tunnel to their gateway. gateway: translates them to the egress IPs. both: a
+    node that is also a gateway. The policy files are reloaded when they change (and
+    on SIGHUP). Logs are JSON lines on standard error.
     """
     import signal
 
-    from egresscore.agent import GatewayAgent, load_config
+    from egresscore.agent import Agent, load_config
     from egresscore.agent.log import EventLog
 
     log = EventLog(text=log_format == "text")
     try:
         config = load_config(config_file)
+        agent = Agent(config, role, log)
     except EgressCoreError as error:
         raise click.ClickException(str(error)) from None
-    agent = GatewayAgent(config, log)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
+    signal.signal(signal.SIGHUP, agent.request_reload)
     failed = False
     try:
         agent.start()
         agent.run()
+    except PolicyErrorGroup as group:
+        log.error("failed", error=str(group), errors=[str(e) for e in group.errors])
+        failed = True
     except (EgressCoreError, OSError) as error:
         log.error("failed", error=str(error))
         failed = True
@@ -136,6 +145,62 @@ def run(role: str, config_file: str, log_format: str) -> None:
         agent.stop()
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--role", type=ROLE_CHOICE, default="both", show_default=True, help="Whose state to remove.")
+@CONFIG_OPTION
+def cleanup(role: str, config_file: str) -> None:
+    """Remove everything egresscore installed on this host (after a stop with
+    failure_mode: closed, its rules stay to keep selected pods from leaking).
+
+    Refuses while an agent runs. Prints each thing removed.
+    """
+    from egresscore.agent import cleanup as cleanup_host
+    from egresscore.agent import load_config
+    from egresscore.agent.log import EventLog
+
+    try:
+        config = load_config(config_file)
+        removed = cleanup_host(config, role, EventLog())
+    except EgressCoreError as error:
+        raise click.ClickException(str(error)) from None
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing of egresscore's was left on this host")
+
+
+@main.command()
+@CONFIG_OPTION
+def status(config_file: str) -> None:
+    """Print the running agent's workers: state, counters (from its state directory)."""
+    import json
+
+    from egresscore.agent import load_config
+
+    try:
+        config = load_config(config_file)
+    except EgressCoreError as error:
+        raise click.ClickException(str(error)) from None
+    files = sorted(config.state_dir.glob("status-*.json"))
+    if not files:
+        raise click.ClickException(f"no status files in {config.state_dir}: is an agent running?")
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            click.echo(f"{path.name}: unreadable ({error})")
+            continue
+        role = "node" if path.name.startswith("status-node-") else "gateway"
+        counters = record.get("datapath", {})
+        busy = {k: v for k, v in counters.items() if v and not k.startswith("queue_")}
+        click.echo(
+            f"{role} queue {record.get('queue')}: {record.get('state')}, pid {record.get('pid')}"
+            + (f", {record['entries']} SNAT entries" if "entries" in record else "")
+        )
+        for key, value in sorted(busy.items()):
+            click.echo(f"  {key}: {value}")
 
 
 @main.command()

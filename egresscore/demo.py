@@ -1,63 +1,172 @@
-"""The demonstration behind ``make demo``: the prefix table every egress decision uses."""
+"""The demonstration behind ``make demo``: the whole path on a cluster of namespaces.
+
+It builds the lab cluster of egresscore.netlab.cluster (two nodes with two pods each,
+a gateway node, a router and an external host running a recording HTTP server), loads
+a Cilium-format policy ("pods with app=payment-processor sending to 203.0.113.0/24,
+except 203.0.113.128/25, leave through gw-1 with 192.0.2.10"), runs ``egresscore run
+--role gateway`` on the gateway and ``--role node`` on both nodes, sends real HTTP
+requests from every pod to three destinations, and prints which source address the
+external server saw for each. Then it stops the agents and removes everything.
+"""
 
 from __future__ import annotations
 
-import array
-import random
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from egresscore.core.prefix_table import NO_MATCH, PrefixTable
+from egresscore.netlab import ClusterTopology, Lab, cilium_policy
+from egresscore.netlab.agents import AgentRun
+from egresscore.netlab.peers import read_records
 
-__all__ = ["run_demo"]
+__all__ = ["DemoRow", "run_cluster_demo", "run_demo"]
 
-# Destination CIDRs of three egress policies, as an operator would write them
-# (documentation ranges only).
-DESTINATIONS = {
-    "203.0.113.0/24": "payment-processor -> egress 192.0.2.10",
-    "203.0.113.128/25": "excluded (partner's internal range)",
-    "198.51.100.0/24": "reporting -> egress 192.0.2.11",
-    "198.51.100.64/26": "reporting-eu -> egress 192.0.2.12",
-    "2001:db8:100::/48": "payment-processor -> egress 2001:db8:e::10",
-}
-
-QUERIES = ["203.0.113.7", "203.0.113.200", "198.51.100.70", "198.51.100.7", "198.18.0.9", "2001:db8:100::1"]
+PORT = 8080
 
 
-def _random_table(count: int, rng: random.Random) -> PrefixTable[int]:
-    table: PrefixTable[int] = PrefixTable()
-    while len(table) < count:
-        length = rng.choice((16, 20, 22, 24, 24, 24))
-        network = rng.getrandbits(32) & ~((1 << (32 - length)) - 1) & 0xFFFFFFFF
-        table.insert(
-            f"{network >> 24}.{network >> 16 & 255}.{network >> 8 & 255}.{network & 255}/{length}", 0
+@dataclass(frozen=True, slots=True)
+class DemoRow:
+    pod: str
+    labels: str
+    node_ip: str
+    destination: str
+    seen: str  # the source address the external server recorded, or "no answer"
+    expected: str
+
+    @property
+    def verdict(self) -> str:
+        return (
+            "egress IP"
+            if self.seen == ClusterTopology.EGRESS_IP
+            else "node IP"
+            if self.seen == self.node_ip
+            else "?"
         )
-    return table
+
+
+def _destinations() -> list[tuple[str, str]]:
+    topology = ClusterTopology
+    return [
+        (topology.EXTERNAL_IP, "in destinationCIDRs"),
+        (topology.EXCLUDED_IP, "in excludedCIDRs"),
+        (topology.OTHER_IP, "outside the policy"),
+    ]
+
+
+def run_cluster_demo(echo: Callable[[str], object] = print) -> list[DemoRow]:
+    """Build, run, measure and tear down the demo cluster; returns the table's rows."""
+    if os.geteuid() != 0:
+        raise PermissionError("the demo builds network namespaces: run it as root (make demo does)")
+    rows: list[DemoRow] = []
+    lab = Lab()
+    with lab:
+        echo("building the cluster: 2 nodes x 2 pods, gateway node gw-1, router, external host ...")
+        topology = ClusterTopology(lab)
+        work = lab.workdir
+        topology.write_inventory(work / "inventory.yaml")
+        (work / "policy.yaml").write_text(cilium_policy())
+        files = ["inventory.yaml", "policy.yaml"]
+        echo("policy (CiliumEgressGatewayPolicy):")
+        for line in cilium_policy().splitlines():
+            echo(f"    {line}")
+        agents = [
+            AgentRun(lab, topology.ns["gw"], topology.agent_config(work / "gw-1.yaml", "gw-1", files),
+                     "gateway", "gw-1.log"),
+        ]  # fmt: skip
+        for node in ("node-a", "node-b"):
+            key = ClusterTopology.NODE_KEYS[node]
+            config = topology.agent_config(work / f"{node}.yaml", node, files)
+            agents.append(AgentRun(lab, topology.ns[key], config, "node", f"{node}.log"))
+        echo("agents running: egresscore run --role gateway on gw-1, --role node on node-a and node-b")
+        record = work / "http.jsonl"
+        server = lab.python(
+            topology.ns["ex"], "egresscore.netlab.peers", "http", "--bind", "0.0.0.0", "--port", str(PORT),
+            "--record", str(record), "--duration", "120", stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the external HTTP server did not start")
+        for pod in topology.pods:
+            for destination, why in _destinations():
+                token = f"/demo/{pod.key}/{destination}"
+                result = lab.run(
+                    topology.ns[pod.key], sys.executable, "-m", "egresscore.netlab.load", "http",
+                    "--url", f"http://{destination}:{PORT}{token}", "--count", "1", "--timeout", "5",
+                    "--expect", token, check=False, timeout=30,
+                )  # fmt: skip
+                ok = result.returncode == 0 and json.loads(result.stdout or "{}").get("ok") == 1
+                seen = [r["peer"] for r in read_records(str(record)) if r.get("path") == token]
+                selected = dict(pod.labels).get("app") == "payment-processor"
+                expected = (
+                    ClusterTopology.EGRESS_IP
+                    if selected and why == "in destinationCIDRs"
+                    else topology.node_ip_of(pod)
+                )
+                labels = ",".join(f"{k}={v}" for k, v in pod.labels)
+                rows.append(
+                    DemoRow(
+                        pod.name,
+                        labels,
+                        topology.node_ip_of(pod),
+                        f"{destination} ({why})",
+                        seen[0] if ok and seen else "no answer",
+                        expected,
+                    )
+                )
+        counters = _node_counters(agents[1:])
+        for agent in agents:
+            agent.stop()
+        lab.stop(server)
+    _print_table(rows, echo)
+    echo("")
+    echo(
+        "node decisions (both nodes): "
+        + ", ".join(f"{key} {value}" for key, value in counters.items() if value)
+        + "; every later packet of a flow followed its connection's mark in the kernel"
+    )
+    wrong = [row for row in rows if row.seen != row.expected]
+    echo("all sources as the policy says" if not wrong else f"{len(wrong)} source(s) differ from the policy")
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    left = [line.split()[0] for line in listed.splitlines() if line.startswith(lab.prefix)]
+    if left:
+        raise RuntimeError(f"namespaces of the demo are left behind: {', '.join(left)}")
+    echo(f"torn down: the demo's namespaces ({lab.prefix}*) and all the rules, routes and links in them")
+    return rows
+
+
+def _node_counters(agents: list[AgentRun]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    time.sleep(0.3)  # one status interval
+    for agent in agents:
+        for status in agent.status():
+            for key in ("passed", "redirected", "unknown_source_drop", "no_gateway_drop"):
+                totals[key] = totals.get(key, 0) + int(status.get("datapath", {}).get(key, 0))
+    return totals
+
+
+def _print_table(rows: list[DemoRow], echo: Callable[[str], object]) -> None:
+    echo("")
+    header = (
+        f"{'pod':<12} {'labels':<22} {'destination':<36} {'source seen by the server':<26} {'expected':<14}"
+    )
+    echo(header)
+    echo("-" * len(header))
+    for row in rows:
+        mark = "ok" if row.seen == row.expected else "WRONG"
+        seen = f"{row.seen} ({row.verdict})" if row.seen != "no answer" else row.seen
+        echo(f"{row.pod:<12} {row.labels:<22} {row.destination:<36} {seen:<26} {row.expected:<14} {mark}")
 
 
 def run_demo(echo: Callable[[str], object] = print) -> None:
-    """Print a small policy table, lookups in it, and a measured batch lookup."""
-    table: PrefixTable[str] = PrefixTable(DESTINATIONS)
-    echo("egresscore: the longest-prefix-match table behind every egress decision\n")
-    echo(f"{'destination CIDR':<22} policy")
-    for network, value in table:
-        echo(f"{network!s:<22} {value}")
-    echo("")
-    echo(f"{'address':<18} {'longest match':<22} policy")
-    for address in QUERIES:
-        match = table.lookup_prefix(address)
-        prefix, policy = (str(match[0]), match[1]) if match else ("-", "no policy: normal routing")
-        echo(f"{address:<18} {prefix:<22} {policy}")
+    """``egresscore demo``: the cluster demonstration; exits non-zero when a source was wrong."""
+    rows = run_cluster_demo(echo)
+    if any(row.seen != row.expected for row in rows):
+        raise SystemExit(1)
 
-    rng = random.Random(2026)
-    big = _random_table(100_000, rng)
-    addresses = array.array("I", (rng.getrandbits(32) for _ in range(1_000_000)))
-    started = time.perf_counter()
-    slots = big.lookup_many(addresses)
-    elapsed = time.perf_counter() - started
-    matched = sum(1 for slot in slots if slot != NO_MATCH)
-    echo(
-        f"\nbatch: {len(addresses):,} IPv4 lookups in a table of {len(big):,} prefixes took "
-        f"{elapsed * 1e3:.1f} ms ({elapsed * 1e9 / len(addresses):.1f} ns each, GIL released); "
-        f"{matched:,} matched; table memory {big.memory_usage() / len(big):.0f} bytes per prefix"
-    )
+
+if __name__ == "__main__":  # pragma: no cover
+    run_demo()

@@ -3,24 +3,28 @@
 ``require_network()`` skips a test when root, a tool or the kernel's NFQUEUE is
 missing, except in CI (the environment variable CI is set), where that is a failure:
 a skipped network test must not pass a CI run unnoticed. ``GatewayRun`` starts
-``egresscore run --role gateway`` in a lab's gateway namespace and stops it.
+``egresscore run --role gateway`` in a lab's gateway namespace and stops it
+(egresscore.netlab.agents.AgentRun runs any role).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from egresscore.netlab import Lab
+from egresscore.netlab.agents import AgentRun, egresscore_command
+
+__all__ = [
+    "GatewayRun",
+    "egresscore_command",
+    "require_network",
+    "shorten_kernel_timeouts",
+    "write_gateway_config",
+]
 
 DATA = Path(__file__).parent / "data" / "agent"
 TOOLS = ("ip", "iptables", "iptables-restore", "iperf3", "ethtool", "nstat", "ping", "sysctl", "conntrack")
@@ -51,15 +55,6 @@ def require_network() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"network test cannot run in CI: {_checked}")
         pytest.skip(_checked)
-
-
-def egresscore_command() -> list[str]:
-    script = Path(sys.executable).parent / "egresscore"
-    return (
-        [str(script)]
-        if script.exists()
-        else [sys.executable, "-c", "from egresscore.cli import main; main()"]
-    )
 
 
 def write_gateway_config(lab: Lab, *, queues: int = 2, extra: str = "") -> Path:
@@ -98,60 +93,8 @@ def shorten_kernel_timeouts(lab: Lab, namespace: str) -> None:
         lab.sysctl(namespace, key, value)
 
 
-class GatewayRun:
+class GatewayRun(AgentRun):
     """One ``egresscore run --role gateway`` process in the lab's gateway namespace."""
 
     def __init__(self, lab: Lab, namespace: str, config: Path, log_name: str = "agent.log") -> None:
-        self.lab = lab
-        self.config = config
-        self.log_path = lab.workdir / log_name
-        self.log_path.touch()
-        self.offset = self.log_path.stat().st_size
-        # A process group of its own, so that a test can kill main and workers at once.
-        self.process = lab.spawn(
-            namespace,
-            [*egresscore_command(), "run", "--role", "gateway", "--config", str(config)],
-            log=log_name,
-            start_new_session=True,
-        )
-        self.wait_for("started")
-
-    def events(self) -> list[dict[str, Any]]:
-        text = self.log_path.read_text()[self.offset :]
-        result = []
-        for line in text.splitlines():
-            try:
-                result.append(json.loads(line))
-            except ValueError:
-                continue
-        return result
-
-    def wait_for(self, event: str, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for record in self.events():
-                if record.get("event") == event:
-                    return record
-            if self.process.poll() is not None and event not in ("stopped", "failed"):
-                break
-            time.sleep(0.05)
-        raise AssertionError(
-            f"no {event!r} event; the agent's log:\n{self.log_path.read_text()[self.offset :]}"
-        )
-
-    def stop(self, timeout: float = 20) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            raise
-
-    def crash(self) -> None:
-        """SIGKILL the agent and its workers: nothing gets cleaned up."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def status(self) -> list[dict[str, Any]]:
-        state = self.config.parent / "state"
-        return [json.loads(path.read_text()) for path in sorted(state.glob("status-queue-*.json"))]
+        super().__init__(lab, namespace, config, "gateway", log_name)

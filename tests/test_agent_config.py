@@ -30,7 +30,7 @@ def test_the_sample_configuration_loads_with_paths_relative_to_it(tmp_path: Path
     assert config.policies == (tmp_path / "gateway-policies.yaml",)
     assert config.gateway.interface == "g1"
     assert (config.gateway.first_queue, config.gateway.queue_count) == (0, 2)
-    assert config.gateway.fail_open is False  # fail closed unless asked
+    assert config.failure_mode == "closed" and config.fail_closed  # fail closed unless asked
     assert config.state_dir == Path("/run/egresscore-test")
 
 
@@ -62,9 +62,36 @@ def test_the_sample_configuration_loads_with_paths_relative_to_it(tmp_path: Path
             "unknown",
         ),
         (
-            "node: gw-1\npolicies: [a.yaml]\ngateway: {fail_open: yes-please}\n",
+            "node: gw-1\npolicies: [a.yaml]\ngateway: {fail_open: true}\n",
             "gateway.fail_open",
-            "true or false",
+            "moved: the top-level failure_mode",
+        ),
+        ("node: gw-1\npolicies: [a.yaml]\nfailure_mode: maybe\n", "failure_mode", "closed, open"),
+        ("node: gw-1\npolicies: [a.yaml]\ntunnel: {vni: 16777216}\n", "tunnel.vni", "from 1 to 16777215"),
+        (
+            "node: gw-1\npolicies: [a.yaml]\ntunnel: {local_address: 203.0.113.300}\n",
+            "tunnel.local_address",
+            "IPv4",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\nredirect: {pod_interfaces: ['cali+', 'veth 0']}\n",
+            "redirect.pod_interfaces[1]",
+            "interface name or prefix",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\nredirect: {mark_mask: 0x50000000}\n",
+            "redirect.mark_mask",
+            "contiguous",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\nredirect: {route_table_base: 254}\n",
+            "redirect.route_table_base",
+            "256",
+        ),
+        (
+            "node: gw-1\npolicies: [a.yaml]\nredirect: {unknown_sources: ignore}\n",
+            "redirect.unknown_sources",
+            "drop, pass",
         ),
         (
             "node: gw-1\npolicies: [a.yaml]\ngateway: {port_range: [5000, 5000], queues: {count: 2}}\n",

@@ -36,11 +36,3 @@ def test_lookup_reports_a_bad_address(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["lookup", str(table), "203.0.113.999"])
     assert result.exit_code != 0
     assert "'203.0.113.999'" in result.output
-
-
-def test_demo_runs_and_shows_the_policy_table() -> None:
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 0, result.output
-    assert "203.0.113.200      203.0.113.128/25       excluded" in result.output
-    assert "198.18.0.9         -                      no policy" in result.output
-    assert "IPv4 lookups in a table of 100,000 prefixes" in result.output

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from network_lab import GatewayRun, egresscore_command, require_network, write_gateway_config
@@ -60,24 +61,61 @@ def send_udp(lab: Lab, topology: GatewayTopology, count: int = 50) -> None:
     )  # fmt: skip
 
 
-def test_sigterm_removes_every_rule_and_address(net: tuple[Lab, GatewayTopology]) -> None:
+def cleanup(lab: Lab, topology: GatewayTopology, config: Path) -> str:
+    result = lab.run(topology.gateway, *egresscore_command(), "cleanup", "--role", "gateway", "--config",
+                     str(config))  # fmt: skip
+    return result.stdout
+
+
+def test_sigterm_keeps_the_guard_in_place_until_cleanup(net: tuple[Lab, GatewayTopology]) -> None:
     lab, topology = net
-    agent = GatewayRun(lab, topology.gateway, write_gateway_config(lab))
+    config = write_gateway_config(lab)
+    agent = GatewayRun(lab, topology.gateway, config)
+    sink, record = udp_sink(lab, topology, "before-stop")
+    send_udp(lab, topology)
+    assert agent.stop() == 0
+    lab.stop(sink)
+    assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
+    assert agent.wait_for("stopped")["kept"] is True
+    # failure_mode closed: the rules and the egress IP stay, and with no worker listening
+    # the pod's new packets are dropped, not sent on with its own or the node's address.
     rules, has_address = host_state(lab, topology)
     assert rules and has_address
+    sink, record = udp_sink(lab, topology, "while-stopped")
+    send_udp(lab, topology)
+    time.sleep(0.5)
+    lab.stop(sink)
+    assert read_records(record) == []
+    assert all(status["state"] == "stopped" for status in agent.status())
+    # Each worker saved its table for the next run.
+    assert sorted(p.name for p in (config.parent / "state").glob("*.snapshot")) == [
+        "snat-queue-0.snapshot",
+        "snat-queue-1.snapshot",
+    ]
+    removed = cleanup(lab, topology, config)
+    assert f"removed address {EGRESS} on g1" in removed and "removed iptables chains" in removed
+    assert host_state(lab, topology) == ([], False)
+    # Nothing left: a second cleanup says so.
+    assert "nothing of egresscore's was left" in cleanup(lab, topology, config)
+
+
+def test_sigterm_with_failure_mode_open_removes_every_rule_and_address(
+    net: tuple[Lab, GatewayTopology],
+) -> None:
+    lab, topology = net
+    config = write_gateway_config(lab, extra="failure_mode: open\n")
+    agent = GatewayRun(lab, topology.gateway, config)
+    rules, has_address = host_state(lab, topology)
+    assert rules and has_address
+    # Open: the queue rules carry --queue-bypass (no listener: accepted undecided).
+    assert all("--queue-bypass" in line for line in rules if "NFQUEUE" in line)
     sink, record = udp_sink(lab, topology, "before-stop")
     send_udp(lab, topology)
     assert agent.stop() == 0
     lab.stop(sink)
     assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
     assert host_state(lab, topology) == ([], False)
-    assert agent.wait_for("stopped")
-    assert all(status["state"] == "stopped" for status in agent.status())
-    # Each worker saved its table for the next run.
-    assert sorted(p.name for p in (agent.config.parent / "state").glob("*.snapshot")) == [
-        "snat-queue-0.snapshot",
-        "snat-queue-1.snapshot",
-    ]
+    assert agent.wait_for("stopped")["kept"] is False
 
 
 def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
@@ -97,9 +135,9 @@ def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
     lab.stop(sink)
     assert read_records(record) == []
     second = GatewayRun(lab, topology.gateway, config, "second.log")
-    replaced = second.wait_for("replaced_leftovers")
-    assert replaced["iptables_rules"] is True
-    assert replaced["addresses"] == [f"{EGRESS} on g1"]
+    adopted = second.wait_for("adopted_leftovers")
+    assert adopted["iptables_rules"] is True
+    assert adopted["addresses"] == [f"{EGRESS} on g1"] and adopted["removed_addresses"] == []
     sink, record = udp_sink(lab, topology, "after-restart")
     send_udp(lab, topology)
     time.sleep(0.5)
@@ -112,6 +150,7 @@ def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
     ]
     assert len(jumps) == 4 and len(set(jumps)) == 4, jumps
     assert second.stop() == 0
+    cleanup(lab, topology, config)
     assert host_state(lab, topology) == ([], False)
 
 

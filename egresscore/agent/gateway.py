@@ -1,25 +1,29 @@
-"""The gateway role: program the host, run one worker per queue, undo it all on exit.
+"""The gateway role: program the host, run one worker per queue, follow policy reloads.
 
-Start-up order (docs/agent.md, "Gateway"): read the configuration and compile the
-policies (nothing on the host changes if either is bad); remove what a crashed
-earlier run left (its recorded addresses, every ``EGRESSCORE-GW-*`` chain); fork
-the workers, each restoring its SNAT table and binding its queue; only then add the
-egress IPs and install the rules. Stop is the reverse: workers answer what is queued
-and save their tables, then the rules and the addresses egresscore added go.
+Start (docs/agent.md, "Start, stop, restart"): the agent has read the configuration and
+compiled the policies (nothing on the host changes if either is bad). The gateway
+adopts what an earlier run left (its recorded addresses; its chains are replaced in the
+same transaction that installs the new ones, so there is no moment without rules),
+creates the tunnel link when one is configured, forks the workers (each restores its
+SNAT table and binds its queue), installs the rules, and only then adds the egress IPs.
+
+Reload: add before remove. The rules first cover the old and the new egress IPs and
+destinations together, new egress IPs are added, the workers take the new policies,
+then the rules narrow to the new set and the egress IPs no longer used go.
+
+Stop: the workers answer what is queued and save their tables. With ``failure_mode:
+closed`` the rules, the addresses and the tunnel stay: selected flows are dropped while
+no worker answers, and TCP flows the kernel translates go on. With ``open``, or on
+``egresscore cleanup``, everything egresscore added is removed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import multiprocessing
 import os
-import signal
-import socket
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +32,20 @@ from egresscore.agent.config import AgentConfig
 from egresscore.agent.iptables import GatewayRules, QueuePorts
 from egresscore.agent.log import EventLog
 from egresscore.agent.netlink import add_address, remove_address
-from egresscore.agent.worker import WorkerSpec, status_path, worker_main, write_atomically
+from egresscore.agent.process import WorkerHandle
+from egresscore.agent.tunnel import TunnelSpec, ensure_tunnel, read_sysctl, remove_tunnel
+from egresscore.agent.worker import (
+    GatewayWorkerSpec,
+    gateway_worker_main,
+    status_path,
+    write_atomically,
+)
 from egresscore.errors import EgressCoreError, PolicyError
 from egresscore.policy.compiler import Compiler
-from egresscore.policy.loader import load_files
 
-__all__ = ["GatewayAgent", "GatewayPlan", "plan_gateway", "split_ports"]
+__all__ = ["GatewayPlan", "GatewayRole", "cleanup_gateway", "plan_gateway", "split_ports", "tunnel_spec"]
 
 OWNED_FILE = "gateway-owned.json"
-LOCK_NAME = b"\0egresscore-gateway"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +70,14 @@ def split_ports(low: int, high: int, count: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def plan_gateway(config: AgentConfig) -> GatewayPlan:
-    """Load and compile the policies for this node and derive the gateway's work."""
-    policy_set = load_files(config.policies)
-    compiler = Compiler(policy_set, config.node)
+def plan_gateway(config: AgentConfig, compiler: Compiler | None = None) -> GatewayPlan:
+    """The gateway's work on this node from the compiled policies (compiled here from
+    ``config.policies`` when no compiler is given). Raises :class:`PolicyError` for
+    what the gateway cannot do (IPv6 egress IPs)."""
+    if compiler is None:
+        from egresscore.policy.loader import load_files
+
+        compiler = Compiler(load_files(config.policies), config.node)
     local = [i for i, gateway in enumerate(compiler.gateways) if gateway.node == config.node]
     egress_v4 = sorted(
         {g.egress_ip for i, g in enumerate(compiler.gateways) if i in local and g.egress_ip.version == 4},
@@ -94,220 +107,282 @@ def plan_gateway(config: AgentConfig) -> GatewayPlan:
     )
 
 
-def _process_alive(pid: int) -> bool:
+def tunnel_spec(config: AgentConfig, compiler: Compiler, *, with_address: bool) -> TunnelSpec | None:
+    """The VXLAN link this host needs, or None when no tunnel is configured."""
+    tunnel = config.tunnel
+    if tunnel is None or tunnel.underlay_interface is None:
+        return None
+    local = tunnel.local_address
+    if local is None:
+        node = next((n for n in compiler.inventory.nodes if n.name == config.node), None)
+        v4 = [a for a in (node.addresses if node else ()) if a.version == 4]
+        if not v4:
+            raise PolicyError(
+                f"node {config.node!r} has no IPv4 address in the inventory: expected one for the tunnel, "
+                "or tunnel.local_address",
+                source=config.source,
+                path="tunnel.local_address",
+            )
+        local = ipaddress.IPv4Address(str(v4[0]))
+    return TunnelSpec(
+        device=tunnel.device,
+        underlay_interface=tunnel.underlay_interface,
+        local=local,
+        vni=tunnel.vni,
+        port=tunnel.port,
+        mtu=tunnel.mtu,
+        address=tunnel.address if with_address else None,
+    )
+
+
+def _by_address(ips: set[ipaddress.IPv4Address]) -> tuple[ipaddress.IPv4Address, ...]:
+    return tuple(sorted(ips, key=int))
+
+
+def _by_network(networks: set[ipaddress.IPv4Network]) -> tuple[ipaddress.IPv4Network, ...]:
+    return tuple(sorted(networks, key=lambda n: (int(n.network_address), n.prefixlen)))
+
+
+def read_record(path: Path, log: EventLog) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("owned_record_unreadable", path=str(path), error=str(error))
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def process_alive(pid: object) -> bool:
+    """Whether ``pid`` is another live egresscore process."""
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"egresscore" in cmdline and pid != os.getpid()
+    return b"egresscore" in cmdline
 
 
-class GatewayAgent:
-    """``GatewayAgent(config, log)``: ``start()``, then ``run()`` until a signal, then
-    ``stop()``. ``stop()`` is safe to call after a failed ``start()``."""
+class GatewayRole:
+    """The gateway role of one agent: ``start(compiler, texts)``, ``reload(...)`` on
+    new policies, ``supervise()`` now and then, ``stop(keep=...)``."""
 
-    def __init__(self, config: AgentConfig, log: EventLog) -> None:
+    name = "gateway"
+
+    def __init__(self, config: AgentConfig, log: EventLog, *, with_node: bool = False) -> None:
         self.config = config
         self.log = log.bind(role="gateway", node=config.node)
+        self.with_node = with_node
         self.plan: GatewayPlan | None = None
-        self.workers: dict[int, tuple[BaseProcess, WorkerSpec]] = {}
-        self.added_addresses: list[tuple[str, str]] = []
-        self.stop_requested = False
-        # Set once this run may change the host: a run refused before that point (bad
-        # policies, another agent alive) must not undo anything on its way out.
-        self.owns_host = False
-        self._lock: socket.socket | None = None
+        self.workers: dict[int, WorkerHandle] = {}
+        self.owned_addresses: list[tuple[str, str]] = []
+        self.tunnel_index: int | None = None
         self.state_dir = config.state_dir
-        self._context = multiprocessing.get_context("fork")
+        self.owns_host = False
+
+    # -- checks and plans (no host change) --------------------------------------------
+
+    def prepare(self, compiler: Compiler) -> GatewayPlan:
+        plan = plan_gateway(self.config, compiler)
+        gateway = self.config.gateway
+        if gateway.assign_egress_ips and plan.egress_ips and gateway.interface is None:
+            raise PolicyError(
+                "gateway.interface is required when gateway.assign_egress_ips is true",
+                source=self.config.source,
+                path="gateway.interface",
+            )
+        return plan
+
+    def check_host(self) -> None:
+        record = read_record(self.state_dir / OWNED_FILE, self.log)
+        if process_alive(record.get("pid")):
+            raise EgressCoreError(
+                f"another egresscore gateway (pid {record['pid']}) is running with state directory "
+                f"{self.state_dir}"
+            )
+        tunnel = self.config.tunnel
+        if (
+            tunnel is not None
+            and tunnel.underlay_interface is not None
+            and read_sysctl("all", "rp_filter") == "1"
+        ):
+            raise EgressCoreError(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): pods' packets decapsulated from the tunnel would "
+                "be dropped, since replies to them are routed through the CNI; expected 0 or 2 (loose)"
+            )
+
+    def ingress_interfaces(self) -> tuple[str, ...]:
+        gateway, tunnel = self.config.gateway, self.config.tunnel
+        interfaces = list(gateway.ingress_interfaces)
+        if tunnel is not None and tunnel.underlay_interface is not None:
+            interfaces.append(tunnel.device)
+            if self.with_node:
+                interfaces.extend(self.config.redirect.pod_interfaces)
+        return tuple(dict.fromkeys(interfaces))
+
+    def rules_for(
+        self, egress_ips: tuple[ipaddress.IPv4Address, ...], destinations: tuple[ipaddress.IPv4Network, ...]
+    ) -> GatewayRules:
+        gateway = self.config.gateway
+        return GatewayRules(
+            egress_ips=egress_ips,
+            destinations=destinations,
+            queues=tuple(QueuePorts(h.spec.queue, *h.spec.port_range) for h in self.workers.values()),
+            mark=gateway.mark,
+            ingress_interfaces=self.ingress_interfaces(),
+            tcp_in_kernel=gateway.tcp_translation == "kernel",
+            bypass=not self.config.fail_closed,
+        )
+
+    def _spec(self, queue: int, ports: tuple[int, int], plan: GatewayPlan) -> GatewayWorkerSpec:
+        config, gateway = self.config, self.config.gateway
+        return GatewayWorkerSpec(
+            queue=queue,
+            port_range=ports,
+            egress_ips=tuple(str(ip) for ip in plan.egress_ips),
+            egress_of_gateway=plan.egress_of_gateway,
+            state_dir=self.state_dir,
+            max_entries=gateway.max_entries,
+            timeouts=dict(gateway.timeouts),
+            batch_size=gateway.batch_size,
+            queue_length=gateway.queue_length,
+            fail_open=not config.fail_closed,
+            gso=gateway.gso,
+            snapshot=gateway.snapshot,
+            status_interval=config.status_interval,
+            node=config.node,
+            mark=gateway.mark,
+            tcp_in_kernel=gateway.tcp_translation == "kernel",
+            node_ifindex=self.tunnel_index if self.with_node else None,
+        )
 
     # -- start ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        config = self.config
-        gateway = config.gateway
-        plan = plan_gateway(config)
+    def start(self, compiler: Compiler, plan: GatewayPlan) -> None:
+        config, gateway = self.config, self.config.gateway
         self.plan = plan
         if not plan.egress_ips:
             self.log.warning("no_egress_ips", detail=f"no policy names node {config.node!r} as a gateway")
-        if gateway.assign_egress_ips and plan.egress_ips and gateway.interface is None:
-            raise PolicyError(
-                "gateway.interface is required when gateway.assign_egress_ips is true", source=config.source
-            )
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._replace_leftovers()
-        self._record_owned()
-        ports = split_ports(*gateway.port_range, gateway.queue_count)
-        for k, (low, high) in enumerate(ports):
-            spec = WorkerSpec(
-                queue=gateway.first_queue + k,
-                port_range=(low, high),
-                egress_ips=tuple(str(ip) for ip in plan.egress_ips),
-                egress_of_gateway=plan.egress_of_gateway,
-                state_dir=self.state_dir,
-                max_entries=gateway.max_entries,
-                timeouts=dict(gateway.timeouts),
-                batch_size=gateway.batch_size,
-                queue_length=gateway.queue_length,
-                fail_open=gateway.fail_open,
-                gso=gateway.gso,
-                snapshot=gateway.snapshot,
-                status_interval=config.status_interval,
-                mark=gateway.mark,
-                tcp_in_kernel=gateway.tcp_translation == "kernel",
+        record = read_record(self.state_dir / OWNED_FILE, self.log)
+        leftover_rules = bool(iptables.find_owned())
+        self.owns_host = True
+        recorded = [(str(i), str(a)) for i, a in record.get("addresses", []) if isinstance(i, str)]
+        self.owned_addresses = list(recorded)
+        self._record()
+        spec = tunnel_spec(config, compiler, with_address=True)
+        if spec is not None:
+            self.tunnel_index, _mtu = ensure_tunnel(spec)
+        for k, ports in enumerate(split_ports(*gateway.port_range, gateway.queue_count)):
+            self._start_worker(self._spec(gateway.first_queue + k, ports, plan), compiler)
+        # One transaction replaces whatever chains an earlier run left.
+        iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
+        # The egress IPs come after the rules, and go before them: a reply reaching a local
+        # egress IP without the rules (and the kernel NAT hooks their nat chain keeps) would
+        # reach the host's own TCP stack, which answers with a reset.
+        self._add_addresses(plan.egress_ips)
+        removed = self._remove_addresses_except(plan.egress_ips)
+        if leftover_rules or recorded:
+            self.log.warning(
+                "adopted_leftovers",
+                previous_pid=record.get("pid"),
+                iptables_rules=leftover_rules,
+                addresses=[f"{a} on {i}" for i, a in recorded],
+                removed_addresses=removed,
             )
-            self._start_worker(spec)
-        rules = GatewayRules(
-            egress_ips=plan.egress_ips,
-            destinations=plan.destinations,
-            queues=tuple(QueuePorts(spec.queue, *spec.port_range) for _, spec in self.workers.values()),
-            mark=gateway.mark,
-            ingress_interfaces=gateway.ingress_interfaces,
-            tcp_in_kernel=gateway.tcp_translation == "kernel",
-        )
-        iptables.apply(rules)
-        # The egress IPs come last, and go first on stop: a reply reaching a local egress IP
-        # without the rules (and the kernel NAT hooks their nat chain keeps) would reach the
-        # host's own TCP stack, which answers with a reset that kills the pod's connection.
-        if gateway.assign_egress_ips and gateway.interface is not None:
-            for ip in plan.egress_ips:
-                if add_address(gateway.interface, ip):
-                    self.added_addresses.append((gateway.interface, str(ip)))
-                    self._record_owned()
         self.log.info(
             "started",
             egress_ips=[str(ip) for ip in plan.egress_ips],
             destinations=[str(n) for n in plan.destinations],
             queues=sorted(self.workers),
-            policies=len(plan.compiler.units),
+            policies=len(compiler.units),
+            tunnel=None if spec is None else spec.device,
         )
 
-    def _start_worker(self, spec: WorkerSpec) -> None:
-        assert self.plan is not None
-        receiver, sender = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=worker_main,
-            args=(spec, self.plan.compiler.classifier, sender, self.log),
-            name=f"egresscore-gateway-queue-{spec.queue}",
-            daemon=False,
-        )
-        process.start()
-        sender.close()
-        self.workers[spec.queue] = (process, spec)
-        message = self._wait_ready(receiver, spec.queue)
-        if message[0] != "ready":
-            raise EgressCoreError(str(message[1]))
+    def _start_worker(self, spec: GatewayWorkerSpec, compiler: Compiler) -> None:
+        handle = WorkerHandle(f"egresscore-gateway-queue-{spec.queue}", gateway_worker_main, spec, self.log)
+        self.workers[spec.queue] = handle
+        handle.start(compiler.classifier)
 
-    def _wait_ready(self, receiver: Connection, queue: int) -> tuple[str, Any]:
-        try:
-            if receiver.poll(30):
-                kind, detail = receiver.recv()
-                return str(kind), detail
-        except EOFError:
-            pass
-        finally:
-            receiver.close()
-        return ("error", f"the worker for queue {queue} exited before it was ready")
+    def _record(self) -> None:
+        record = {"pid": os.getpid(), "addresses": self.owned_addresses, "started": time.time()}
+        write_atomically(self.state_dir / OWNED_FILE, json.dumps(record).encode())
 
-    def _owned_path(self) -> Path:
-        return self.state_dir / OWNED_FILE
+    def _add_addresses(self, ips: tuple[ipaddress.IPv4Address, ...]) -> None:
+        gateway = self.config.gateway
+        if not gateway.assign_egress_ips or gateway.interface is None:
+            return
+        for ip in ips:
+            if add_address(gateway.interface, ip):
+                self.owned_addresses.append((gateway.interface, str(ip)))
+                self._record()
 
-    def _record_owned(self) -> None:
-        record = {"pid": os.getpid(), "addresses": self.added_addresses, "started": time.time()}
-        write_atomically(self._owned_path(), json.dumps(record).encode())
-
-    def _replace_leftovers(self) -> None:
-        path = self._owned_path()
-        leftovers: dict[str, Any] = {}
-        if path.exists():
+    def _remove_addresses_except(self, keep: tuple[ipaddress.IPv4Address, ...]) -> list[str]:
+        wanted = {str(ip) for ip in keep}
+        interface = self.config.gateway.interface
+        removed = []
+        for owned in list(self.owned_addresses):
+            name, address = owned
+            if address in wanted and name == interface:
+                continue
             try:
-                leftovers = json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                self.log.warning("owned_record_unreadable", path=str(path), error=str(error))
-            pid = leftovers.get("pid")
-            if isinstance(pid, int) and _process_alive(pid):
-                raise EgressCoreError(
-                    f"another egresscore gateway (pid {pid}) is running with state directory {self.state_dir}"
-                )
-        # One gateway per network namespace, whatever its state directory: the chains and
-        # queues are the namespace's. An abstract socket's name is per namespace and goes
-        # away with its process, crashed or not.
-        self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self._lock.bind(LOCK_NAME)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise EgressCoreError(
-                "another egresscore gateway is running in this network namespace "
-                f"(the abstract socket @{LOCK_NAME[1:].decode()} is taken)"
-            ) from None
-        self.owns_host = True
-        removed_addresses = []
-        for interface, address in leftovers.get("addresses", []):
-            if remove_address(interface, ipaddress.ip_address(address)):
-                removed_addresses.append(f"{address} on {interface}")
-        removed_rules = iptables.remove()
-        if removed_addresses or removed_rules:
-            self.log.warning(
-                "replaced_leftovers",
-                previous_pid=leftovers.get("pid"),
-                addresses=removed_addresses,
-                iptables_rules=removed_rules,
-            )
+                remove_address(name, ipaddress.ip_address(address))
+            except EgressCoreError as error:
+                self.log.error("address_remove_failed", address=address, interface=name, error=str(error))
+                continue
+            self.owned_addresses.remove(owned)
+            removed.append(f"{address} on {name}")
+            self._record()
+        return removed
+
+    # -- reload -----------------------------------------------------------------------
+
+    def reload(
+        self, compiler: Compiler, plan: GatewayPlan, generation: int, texts: list[tuple[str, str]]
+    ) -> list[str]:
+        """Apply a new policy generation (add before remove); returns the problems met."""
+        old = self.plan
+        assert old is not None
+        problems: list[str] = []
+        union = self.rules_for(
+            _by_address(set(old.egress_ips) | set(plan.egress_ips)),
+            _by_network(set(old.destinations) | set(plan.destinations)),
+        )
+        iptables.apply(union)
+        self._add_addresses(plan.egress_ips)
+        parameters = {
+            "egress_ips": [str(ip) for ip in plan.egress_ips],
+            "egress_of_gateway": list(plan.egress_of_gateway),
+        }
+        self.plan = plan
+        for queue, handle in list(self.workers.items()):
+            handle.spec = self._spec(queue, handle.spec.port_range, plan)
+            problem = handle.reload(generation, texts, parameters)
+            if problem is not None:
+                # A worker that could not take the new policies is started again with them
+                # (it saves and restores its table across the restart).
+                problems.append(problem)
+                self.log.error("worker_reload_failed", queue=queue, error=problem)
+                handle.stop()
+                self._start_worker(handle.spec, compiler)
+        iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
+        self._remove_addresses_except(plan.egress_ips)
+        return problems
 
     # -- run --------------------------------------------------------------------------
 
-    def request_stop(self, signum: int = 0, frame: object = None) -> None:
-        self.stop_requested = True
-
-    def run(self) -> None:
-        """Supervise the workers until a stop is requested. A worker that dies is
-        started again (its queue drops packets meanwhile: no listener, no bypass)."""
-        while not self.stop_requested:
-            time.sleep(0.2)
-            for queue, (process, spec) in list(self.workers.items()):
-                if not process.is_alive() and not self.stop_requested:
-                    self.log.error("worker_died", queue=queue, exitcode=process.exitcode)
-                    del self.workers[queue]
-                    try:
-                        self._start_worker(spec)
-                    except EgressCoreError as error:
-                        self.log.error("worker_restart_failed", queue=queue, error=str(error))
-
-    # -- stop -------------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """Stop the workers (they save their tables), then remove the rules and the
-        addresses this run added. Never raises for a step that fails: it logs and goes on."""
-        if not self.owns_host:
-            return
-        for process, _ in self.workers.values():
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-        for queue, (process, _) in self.workers.items():
-            process.join(15)
-            if process.is_alive():
-                self.log.error("worker_kill", queue=queue, detail="did not stop within 15 s")
-                process.kill()
-                process.join(5)
-        self.workers.clear()
-        for interface, address in self.added_addresses:
-            try:
-                remove_address(interface, ipaddress.ip_address(address))
-            except EgressCoreError as error:
-                self.log.error(
-                    "address_remove_failed", address=address, interface=interface, error=str(error)
-                )
-        self.added_addresses.clear()
-        try:
-            iptables.remove()
-        except EgressCoreError as error:
-            self.log.error("iptables_remove_failed", error=str(error))
-        self._owned_path().unlink(missing_ok=True)
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        self.log.info("stopped")
+    def supervise(self, compiler: Compiler) -> None:
+        """Start again a worker that died (its queue drops packets meanwhile)."""
+        for queue, handle in list(self.workers.items()):
+            if not handle.alive():
+                self.log.error("worker_died", queue=queue, exitcode=handle.exitcode)
+                handle.join(1)
+                try:
+                    self._start_worker(handle.spec, compiler)
+                except EgressCoreError as error:
+                    self.log.error("worker_restart_failed", queue=queue, error=str(error))
 
     def status(self) -> dict[str, Any]:
         """The workers' last status files, by queue."""
@@ -318,3 +393,52 @@ class GatewayAgent:
             except (OSError, ValueError):
                 result[str(queue)] = None
         return result
+
+    # -- stop -------------------------------------------------------------------------
+
+    def stop(self, keep: bool) -> None:
+        """Stop the workers (they save their tables); with ``keep`` the rules, addresses
+        and tunnel stay (fail closed until the next start), else they are removed.
+        Never raises for a step that fails: it logs and goes on."""
+        if not self.owns_host:
+            return
+        for handle in self.workers.values():
+            handle.signal_stop()
+        for handle in self.workers.values():
+            handle.join(15)
+        self.workers.clear()
+        if keep:
+            self.log.info("stopped", kept=True)
+            return
+        self._remove_addresses_except(())
+        try:
+            iptables.remove()
+        except EgressCoreError as error:
+            self.log.error("iptables_remove_failed", error=str(error))
+        if self.config.tunnel is not None and not self.with_node:
+            try:
+                remove_tunnel(self.config.tunnel.device)
+            except EgressCoreError as error:
+                self.log.error("tunnel_remove_failed", error=str(error))
+        (self.state_dir / OWNED_FILE).unlink(missing_ok=True)
+        self.log.info("stopped", kept=False)
+
+
+def cleanup_gateway(config: AgentConfig, log: EventLog) -> list[str]:
+    """Remove everything a gateway left on this host (its recorded addresses, its
+    chains, its tunnel link); returns what was removed."""
+    removed = []
+    path = config.state_dir / OWNED_FILE
+    record = read_record(path, log)
+    for interface, address in record.get("addresses", []):
+        if remove_address(interface, ipaddress.ip_address(address)):
+            removed.append(f"address {address} on {interface}")
+    if iptables.remove():
+        removed.append(f"iptables chains {iptables.CHAIN_PREFIX}*")
+    if config.tunnel is not None and remove_tunnel(config.tunnel.device):
+        removed.append(f"link {config.tunnel.device}")
+    path.unlink(missing_ok=True)
+    for snapshot in config.state_dir.glob("snat-queue-*.snapshot"):
+        snapshot.unlink(missing_ok=True)
+        removed.append(f"snapshot {snapshot.name}")
+    return removed

@@ -1,11 +1,13 @@
-"""The gateway's iptables rules: computed, applied atomically, found and removed.
+"""The agent's iptables rules: computed, applied atomically, found and removed.
 
-Everything egresscore installs lives in chains named ``EGRESSCORE-GW-*`` plus one jump
-rule per built-in chain, tagged with the comment ``egresscore``. ``apply`` writes the
-whole set in one ``iptables-restore --noflush`` transaction (a chain declared in the
-input is emptied and refilled, so applying twice gives the same rules);
-``remove`` deletes the jumps and the chains, and nothing else. Commands are run with
-argument lists and the rules reach iptables-restore on its standard input: no shell.
+Everything egresscore installs lives in chains named ``EGRESSCORE-GW-*`` (the gateway
+role) or ``EGRESSCORE-NODE-*`` (the node role) plus one jump rule per built-in chain,
+tagged with the comment ``egresscore``. ``apply`` writes a role's whole set in one
+``iptables-restore --noflush`` transaction (a chain declared in the input is emptied
+and refilled, so applying twice gives the same rules, and a changed set replaces the
+old one with no moment in between); ``remove`` deletes a role's jumps and chains, and
+nothing else. Commands are run with argument lists and the rules reach
+iptables-restore on its standard input: no shell.
 """
 
 from __future__ import annotations
@@ -17,9 +19,22 @@ from dataclasses import dataclass
 
 from egresscore.errors import KernelError
 
-__all__ = ["CHAIN_PREFIX", "GatewayRules", "apply", "find_owned", "remove", "render"]
+__all__ = [
+    "CHAIN_PREFIX",
+    "NODE_PREFIX",
+    "GatewayRules",
+    "NodeRules",
+    "apply",
+    "apply_node",
+    "find_owned",
+    "remove",
+    "remove_node",
+    "render",
+    "render_node",
+]
 
 CHAIN_PREFIX = "EGRESSCORE-GW-"
+NODE_PREFIX = "EGRESSCORE-NODE-"
 COMMENT = "egresscore"
 # ICMP error types whose quote carries the original packet's ports (RFC 792):
 # destination unreachable (fragmentation needed among them), time exceeded, parameter problem.
@@ -45,6 +60,8 @@ class GatewayRules:
     mark: int
     ingress_interfaces: tuple[str, ...] = ()
     tcp_in_kernel: bool = False
+    # failure_mode open: with no worker listening the kernel accepts packets untranslated.
+    bypass: bool = False
 
     def marks(self) -> tuple[int, int, int]:
         """The three mark bits: queued to a worker after routing; a TCP packet to a
@@ -54,9 +71,10 @@ class GatewayRules:
 
 def _queue_target(rules: GatewayRules) -> str:
     first, last = rules.queues[0].queue, rules.queues[-1].queue
-    # No --queue-bypass and no fail-open: with no worker listening a policy packet is
-    # dropped, never sent on untranslated.
-    return f"NFQUEUE --queue-num {first}" if first == last else f"NFQUEUE --queue-balance {first}:{last}"
+    # No --queue-bypass (unless failure_mode is open): with no worker listening a policy
+    # packet is dropped, never sent on untranslated.
+    target = f"NFQUEUE --queue-num {first}" if first == last else f"NFQUEUE --queue-balance {first}:{last}"
+    return target + (" --queue-bypass" if rules.bypass else "")
 
 
 def render(rules: GatewayRules) -> dict[str, list[str]]:
@@ -93,7 +111,7 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
     single = len(rules.queues) == 1
     for q in rules.queues:
         span = f"{q.low}:{q.high}"
-        target = f"NFQUEUE --queue-num {q.queue}"
+        target = f"NFQUEUE --queue-num {q.queue}" + (" --queue-bypass" if rules.bypass else "")
         if single:
             for protocol in reply_protocols:
                 raw.append(f"-A {reply} -p {protocol} -j {target}")
@@ -169,6 +187,69 @@ JUMPS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class NodeRules:
+    """What the node role's rules say: which pods' packets to which destinations are
+    decided by a worker, and the mark bits that carry the decision."""
+
+    pod_interfaces: tuple[str, ...]
+    destinations: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    first_queue: int
+    queue_count: int
+    mark_mask: int
+    redirect_flag: int
+    # TCP MSS for redirected flows (IPv4; IPv6 is 20 less), None: no clamping.
+    mss: int | None = None
+    # failure_mode open: with no worker listening the kernel accepts the packet undecided.
+    bypass: bool = False
+
+
+def render_node(rules: NodeRules, family: int = 4) -> dict[str, list[str]]:
+    """The iptables-restore lines (ip6tables with ``family=6``) of the node role."""
+    pre, pod, fwd, nat = (NODE_PREFIX + name for name in ("PRE", "POD", "FWD", "NAT"))
+    mask = f"0x{rules.mark_mask:x}"
+    flag = f"0x{rules.redirect_flag:x}/0x{rules.redirect_flag:x}"
+    first, last = rules.first_queue, rules.first_queue + rules.queue_count - 1
+    target = f"NFQUEUE --queue-num {first}" if first == last else f"NFQUEUE --queue-balance {first}:{last}"
+    if rules.bypass:
+        target += " --queue-bypass"
+    mangle = [f":{pre} - [0:0]", f":{pod} - [0:0]", f":{fwd} - [0:0]"]
+    for interface in rules.pod_interfaces:
+        mangle.append(f"-A {pre} -i {interface} -g {pod}")
+    # A flow's decision lives in its connmark: restored on every packet from a pod, so a
+    # decided flow keeps its decision (and its gateway) whatever the policies say later.
+    mangle.append(f"-A {pod} -j CONNMARK --restore-mark --nfmask {mask} --ctmask {mask}")
+    mangle.append(f"-A {pod} -m mark ! --mark 0x0/{mask} -j RETURN")
+    # Undecided flows to a policy destination: their packets go to a worker until one is
+    # decided (a flow the worker drops stays undecided, so its next packet is asked again).
+    for network in rules.destinations:
+        if network.version == family:
+            mangle.append(f"-A {pod} -d {network} -j {target}")
+    # The verdict's mark is saved on the connection here, in a hook after the queue's: an
+    # accept verdict ends the traversal of the chain that queued the packet.
+    mangle.append(
+        f"-A {fwd} -m connmark --mark 0x0/{mask} -m mark ! --mark 0x0/{mask} "
+        f"-j CONNMARK --save-mark --nfmask {mask} --ctmask {mask}"
+    )
+    if rules.mss is not None:
+        # The tunnel costs 50 bytes (RFC 7348 over IPv4): both ends of a redirected TCP flow
+        # are told a segment size that fits it, the pod by its SYN-ACK, the remote by the SYN.
+        mss = rules.mss if family == 4 else rules.mss - 20
+        mangle.append(
+            f"-A {fwd} -p tcp --tcp-flags SYN,RST SYN -m connmark --mark {flag} -j TCPMSS --set-mss {mss}"
+        )
+    # Redirected flows keep the pod's address into the tunnel: the gateway translates it,
+    # a masquerade rule of the CNI must not. ACCEPT ends the nat chain for the packet.
+    nat_lines = [f":{nat} - [0:0]", f"-A {nat} -m mark --mark {flag} -j ACCEPT"]
+    return {"mangle": mangle, "nat": nat_lines}
+
+
+NODE_JUMPS = {
+    "mangle": [("PREROUTING", NODE_PREFIX + "PRE"), ("FORWARD", NODE_PREFIX + "FWD")],
+    "nat": [("POSTROUTING", NODE_PREFIX + "NAT")],
+}
+
+
 def _run(argv: list[str], text_in: str | None = None) -> str:
     try:
         result = subprocess.run(argv, input=text_in, capture_output=True, text=True, timeout=30, check=False)
@@ -183,21 +264,24 @@ def _run(argv: list[str], text_in: str | None = None) -> str:
     return result.stdout
 
 
-def find_owned(save_text: str | None = None) -> dict[str, tuple[list[str], list[str]]]:
-    """Per table, the jump rules (as ``-A ...`` specs) and chains egresscore owns now."""
-    text = save_text if save_text is not None else _run(["iptables-save"])
+def _binary(family: int, tool: str) -> str:
+    return tool if family == 4 else tool.replace("iptables", "ip6tables")
+
+
+def find_owned(
+    save_text: str | None = None, prefix: str = CHAIN_PREFIX, family: int = 4
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Per table, the jump rules (as ``-A ...`` specs) and chains egresscore owns now
+    under ``prefix``."""
+    text = save_text if save_text is not None else _run([_binary(family, "iptables-save")])
     owned: dict[str, tuple[list[str], list[str]]] = {}
     table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
-        elif line.startswith(":" + CHAIN_PREFIX):
+        elif line.startswith(":" + prefix):
             owned.setdefault(table, ([], []))[1].append(line[1:].split()[0])
-        elif (
-            line.startswith("-A ")
-            and f"-j {CHAIN_PREFIX}" in line
-            and not line.split()[1].startswith(CHAIN_PREFIX)
-        ):
+        elif line.startswith("-A ") and f"-j {prefix}" in line and not line.split()[1].startswith(prefix):
             owned.setdefault(table, ([], []))[0].append(line)
     return owned
 
@@ -209,22 +293,28 @@ def _removal_lines(jumps: list[str], chains: list[str]) -> list[str]:
     return lines
 
 
-def _restore(tables: dict[str, list[str]]) -> None:
+def _restore(tables: dict[str, list[str]], family: int = 4) -> None:
     text = "".join(
         f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n" for table, lines in tables.items()
     )
     if text:
-        _run(["iptables-restore", "--noflush", "--wait"], text)
+        _run([_binary(family, "iptables-restore"), "--noflush", "--wait"], text)
 
 
-def apply(rules: GatewayRules) -> None:
-    """Install (or replace) the gateway's rules in one transaction."""
-    owned = find_owned()
-    tables = render(rules)
+def apply_tables(
+    tables: dict[str, list[str]],
+    jumps_by_table: dict[str, list[tuple[str, str]]],
+    prefix: str,
+    family: int = 4,
+) -> None:
+    """Install (or replace) one role's chains and their jumps in one transaction; the
+    role's chains that ``tables`` no longer declares go in the same transaction."""
+    owned = find_owned(prefix=prefix, family=family)
+    tables = {table: list(lines) for table, lines in tables.items()}
     for table, lines in tables.items():
         declared = {line[1:].split()[0] for line in lines if line.startswith(":")}
         jumps, _chains = owned.get(table, ([], []))
-        for builtin, chain in JUMPS[table]:
+        for builtin, chain in jumps_by_table.get(table, []):
             if chain not in declared:
                 continue
             if not any(rule.split()[1] == builtin and rule.endswith(f"-j {chain}") for rule in jumps):
@@ -236,13 +326,33 @@ def apply(rules: GatewayRules) -> None:
         stale_jumps = [j for j in jumps if j.split("-j ")[-1].strip() in stale]
         if stale:
             tables.setdefault(table, []).extend(_removal_lines(stale_jumps, stale))
-    _restore(tables)
+    _restore(tables, family)
+
+
+def remove_prefix(prefix: str, family: int = 4) -> bool:
+    """Delete every jump rule and chain under ``prefix``; returns whether there was any."""
+    owned = find_owned(prefix=prefix, family=family)
+    if not owned:
+        return False
+    _restore({table: _removal_lines(jumps, chains) for table, (jumps, chains) in owned.items()}, family)
+    return True
+
+
+def apply(rules: GatewayRules) -> None:
+    """Install (or replace) the gateway's rules in one transaction."""
+    apply_tables(render(rules), JUMPS, CHAIN_PREFIX)
 
 
 def remove() -> bool:
-    """Delete every egresscore jump rule and chain; returns whether there was any."""
-    owned = find_owned()
-    if not owned:
-        return False
-    _restore({table: _removal_lines(jumps, chains) for table, (jumps, chains) in owned.items()})
-    return True
+    """Delete every gateway jump rule and chain; returns whether there was any."""
+    return remove_prefix(CHAIN_PREFIX)
+
+
+def apply_node(rules: NodeRules, family: int = 4) -> None:
+    """Install (or replace) the node role's rules of one family in one transaction."""
+    apply_tables(render_node(rules, family), NODE_JUMPS, NODE_PREFIX, family)
+
+
+def remove_node(family: int = 4) -> bool:
+    """Delete every node-role jump rule and chain of one family; whether there was any."""
+    return remove_prefix(NODE_PREFIX, family)

@@ -25,7 +25,8 @@ cdef enum:
     O_TCP_PASSED = 13
     O_TCP_HANDOVER_FAILED = 14
     O_TCP_RELEASED = 15
-    OUTCOME_COUNT = 16
+    O_LOCAL_REDIRECT = 16
+    OUTCOME_COUNT = 17
 
 
 cdef class GatewayDatapath:
@@ -35,6 +36,8 @@ cdef class GatewayDatapath:
     cdef readonly KernelConntrack kernel
     cdef bint kernel_on
     cdef uint32_t pass_mark
+    cdef bint node_decides
+    cdef uint32_t tunnel_ifindex
     cdef uint16_t *egress_of_gateway
     cdef Py_ssize_t gateway_count
     cdef bint set_mark

@@ -27,6 +27,10 @@ class GatewayDatapath:
         mark: int | None = None,
         kernel: KernelConntrack | None = None,
         pass_mark: int = 0,
+        node_ifindex: int | None = None,
+    ) -> None: ...
+    def set_policy(
+        self, classifier: Classifier, egress_of_gateway: Iterable[int | None], table: SnatTable | None = None
     ) -> None: ...
     @property
     def kernel(self) -> KernelConntrack | None: ...

@@ -56,6 +56,7 @@ OUTCOME_NAMES = (
     "tcp_passed",
     "tcp_handover_failed",
     "tcp_released",
+    "local_pod_redirected",
 )
 
 cdef enum:
@@ -99,44 +100,64 @@ cdef class GatewayDatapath:
     before conntrack): the egress port is allocated in the table and the flow handed to
     the kernel's conntrack with that source NAT; the kernel translates the rest. A TCP
     first packet the policy passes is accepted with ``pass_mark`` set.
+
+    With ``node_ifindex`` (role ``both``: the node role runs beside the gateway and
+    routes this host's own pods), a REDIRECT decision for a packet that did not arrive
+    on that interface (the tunnel) is a local pod's flow to another gateway: accepted
+    (TCP first packets with ``pass_mark``) for the node role to route, instead of being
+    dropped as a disagreement between a node and this gateway.
     """
 
     def __cinit__(self):
         self.egress_of_gateway = NULL
 
     def __init__(self, NfQueue queue not None, SnatTable table not None, Classifier classifier not None,
-                 egress_of_gateway, *, mark=None, KernelConntrack kernel=None, pass_mark=0):
+                 egress_of_gateway, *, mark=None, KernelConntrack kernel=None, pass_mark=0, node_ifindex=None):
+        if mark is not None and not 0 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"mark {mark}: expected a 32-bit unsigned value")
+        if not 0 <= pass_mark <= 0xFFFFFFFF:
+            raise ValueError(f"pass_mark {pass_mark}: expected a 32-bit unsigned value")
+        if node_ifindex is not None and not 0 < node_ifindex <= 0xFFFFFFFF:
+            raise ValueError(f"node_ifindex {node_ifindex!r}: expected None or an interface index")
+        self.queue = queue
+        self.set_policy(classifier, egress_of_gateway, table)
+        self.set_mark = mark is not None
+        self.mark = mark or 0
+        self.kernel = kernel
+        self.kernel_on = kernel is not None
+        self.pass_mark = pass_mark
+        self.node_decides = node_ifindex is not None
+        self.tunnel_ifindex = node_ifindex or 0
+
+    def set_policy(self, Classifier classifier not None, egress_of_gateway, SnatTable table=None):
+        """Classify with ``classifier`` from the next batch on (a policy reload), with its
+        ``egress_of_gateway``; with ``table``, translate in that table from then on (a
+        table rebuilt for a changed set of egress IPs). Checked before anything changes."""
         cdef Py_ssize_t g
+        cdef uint16_t *mapping
+        if table is None:
+            table = self.table
+        if table is None:
+            raise ValueError("a SNAT table is required")
         gateways = list(egress_of_gateway)
         if len(gateways) != len(classifier.gateways):
             raise ValueError(f"egress_of_gateway has {len(gateways)} items: expected one per classifier "
                              f"gateway ({len(classifier.gateways)})")
         egress_count = len(table.egress_ips)
-        free(self.egress_of_gateway)
-        self.egress_of_gateway = <uint16_t *>calloc(max(1, len(gateways)), sizeof(uint16_t))
-        if self.egress_of_gateway == NULL:
-            raise MemoryError()
         for g, index in enumerate(gateways):
-            if index is None:
-                self.egress_of_gateway[g] = NO_EGRESS
-            elif 0 <= index < egress_count:
-                self.egress_of_gateway[g] = <uint16_t>index
-            else:
+            if index is not None and not 0 <= index < egress_count:
                 raise ValueError(f"egress_of_gateway[{g}]={index!r}: expected None or an index below "
                                  f"{egress_count} (the table's egress IPs)")
-        if mark is not None and not 0 <= mark <= 0xFFFFFFFF:
-            raise ValueError(f"mark {mark}: expected a 32-bit unsigned value")
-        self.queue = queue
+        mapping = <uint16_t *>calloc(max(1, len(gateways)), sizeof(uint16_t))
+        if mapping == NULL:
+            raise MemoryError()
+        for g, index in enumerate(gateways):
+            mapping[g] = NO_EGRESS if index is None else <uint16_t>index
+        free(self.egress_of_gateway)
+        self.egress_of_gateway = mapping
+        self.gateway_count = len(gateways)
         self.table = table
         self.classifier = classifier
-        self.gateway_count = len(gateways)
-        self.set_mark = mark is not None
-        self.mark = mark or 0
-        self.kernel = kernel
-        self.kernel_on = kernel is not None
-        if not 0 <= pass_mark <= 0xFFFFFFFF:
-            raise ValueError(f"pass_mark {pass_mark}: expected a 32-bit unsigned value")
-        self.pass_mark = pass_mark
 
     def __dealloc__(self):
         free(self.egress_of_gateway)
@@ -173,10 +194,11 @@ cdef class GatewayDatapath:
         cdef int error
         cdef uint64_t created
         cdef FlowKey key
-        if action == A_PASS:
+        if action == A_PASS or (action == A_REDIRECT and self.node_decides and p.indev != self.tunnel_ifindex):
             # Accepted with the pass mark: the rules save it on the connection, so that the
-            # kernel's later packets of this flow are known not to need a translation.
-            self.outcomes[O_TCP_PASSED] += 1
+            # kernel's later packets of this flow are known not to need a translation. A
+            # local pod's flow to another gateway is the node role's to route.
+            self.outcomes[O_TCP_PASSED if action == A_PASS else O_LOCAL_REDIRECT] += 1
             self.queue.verdict_packet(index, NF_ACCEPT, True, self.pass_mark, False)
             return
         gateway = (code >> 8) - 1
@@ -323,6 +345,10 @@ cdef class GatewayDatapath:
                 action = code[i] & 0xF
                 if action == A_PASS:
                     self.outcomes[O_OUT_PASSED] += 1
+                    continue
+                if action == A_REDIRECT and self.node_decides and p.indev != self.tunnel_ifindex:
+                    # A local pod's flow that the node role routes to another gateway.
+                    self.outcomes[O_LOCAL_REDIRECT] += 1
                     continue
                 if action != A_SNAT:
                     self.outcomes[O_OUT_POLICY_DROP] += 1

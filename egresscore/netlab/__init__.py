@@ -7,6 +7,17 @@ Addresses come from the documentation and benchmarking ranges only (RFC 5737,
 RFC 2544's 198.18.0.0/15).
 """
 
+from egresscore.netlab.cluster import ClusterTopology, Pod, cilium_policy, inventory_document
 from egresscore.netlab.namespaces import GatewayTopology, Lab, LabError, checksum_errors, nstat
 
-__all__ = ["GatewayTopology", "Lab", "LabError", "checksum_errors", "nstat"]
+__all__ = [
+    "ClusterTopology",
+    "GatewayTopology",
+    "Lab",
+    "LabError",
+    "Pod",
+    "checksum_errors",
+    "cilium_policy",
+    "inventory_document",
+    "nstat",
+]

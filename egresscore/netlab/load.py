@@ -2,8 +2,9 @@
 
 ``python -m egresscore.netlab.load MODE ...``:
 
-- ``http --url URL --count N --concurrency C``: N GET requests; ok/failed counts and
-  the first errors.
+- ``http --url URL --count N --concurrency C [--expect TEXT]``: N GET requests; ok/failed
+  counts and the first errors (with ``--expect``, an answer without TEXT is a failure:
+  the reply reached the wrong client).
 - ``connections --host H --port P --duration S --concurrency C``: as many TCP
   connections as it can open (each reads the server's one byte and closes) for S
   seconds, C at a time, with non-blocking sockets; count, failures and rate.
@@ -32,8 +33,12 @@ def http(args: argparse.Namespace) -> dict[str, Any]:
     def get(_: int) -> str | None:
         try:
             with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
-                response.read()
-                return None if response.status == 200 else f"status {response.status}"
+                body = response.read()
+                if response.status != 200:
+                    return f"status {response.status}"
+                if args.expect and args.expect.encode() not in body:
+                    return f"answer without {args.expect!r}: {body[:80]!r}"
+                return None
         except OSError as error:
             return str(error)
 
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--expect", default="")
     p = sub.add_parser("connections")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)

@@ -61,13 +61,14 @@ def _serve_http(args: argparse.Namespace, record: _Recorder, stop: threading.Eve
 
         def do_GET(self) -> None:
             peer, port = self.client_address[:2]
-            record.write(peer=peer, peer_port=port, path=self.path)
+            local = self.connection.getsockname()[0]
+            record.write(peer=peer, peer_port=port, local=local, path=self.path)
             url = urlparse(self.path)
             if url.path == "/bytes":
                 size = int(parse_qs(url.query).get("n", ["0"])[0])
                 body = b"x" * size
             else:
-                body = f"you are {peer}\n".encode()
+                body = f"you are {peer}, asking {self.path}\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

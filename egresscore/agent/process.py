@@ -1,0 +1,124 @@
+"""The agent's side of its worker processes: fork, wait until ready, reload, stop."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from egresscore.agent.log import EventLog
+from egresscore.core.classifier import Classifier
+from egresscore.errors import EgressCoreError
+
+__all__ = ["WorkerHandle"]
+
+_CONTEXT = multiprocessing.get_context("fork")
+READY_TIMEOUT = 30.0
+RELOAD_TIMEOUT = 60.0
+
+
+class WorkerHandle:
+    """One worker process and its control pipe. ``start()`` forks and waits for the
+    worker's ``ready``; ``reload()`` hands it a new policy generation and waits for its
+    answer; ``stop()`` sends SIGTERM and waits (SIGKILL after ``timeout``)."""
+
+    def __init__(
+        self,
+        name: str,
+        target: Callable[[Any, Classifier, Connection, EventLog], None],
+        spec: Any,
+        log: EventLog,
+    ) -> None:
+        self.name = name
+        self.target = target
+        self.spec = spec
+        self.log = log
+        self.process: BaseProcess | None = None
+        self.connection: Connection | None = None
+        self.restored = 0
+
+    def start(self, classifier: Classifier) -> None:
+        parent, child = _CONTEXT.Pipe(duplex=True)
+        process = _CONTEXT.Process(
+            target=self.target, args=(self.spec, classifier, child, self.log), name=self.name, daemon=False
+        )
+        process.start()
+        child.close()
+        self.process, self.connection = process, parent
+        kind, detail = self._receive(READY_TIMEOUT)
+        if kind != "ready":
+            self.stop(5)
+            message = detail if kind == "error" else f"{self.name} exited before it was ready"
+            raise EgressCoreError(str(message))
+        self.restored = int(detail)
+
+    def _receive(self, timeout: float) -> tuple[str, Any]:
+        assert self.connection is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.connection.poll(min(0.2, max(0.0, deadline - time.monotonic()))):
+                    message = self.connection.recv()
+                    return str(message[0]), message[1] if len(message) == 2 else tuple(message[1:])
+            except (EOFError, OSError):
+                break
+            if self.process is not None and not self.process.is_alive():
+                break
+        return ("gone", None)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self.process is None else self.process.exitcode
+
+    def reload(
+        self, generation: int, texts: Sequence[tuple[str, str]], parameters: dict[str, Any]
+    ) -> str | None:
+        """Send one policy generation; returns None once the worker applied it, else why not."""
+        if self.connection is None or not self.alive():
+            return f"{self.name} is not running"
+        try:
+            self.connection.send(("policy", generation, list(texts), parameters))
+        except (OSError, ValueError) as error:
+            return f"{self.name}: {error}"
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while time.monotonic() < deadline:
+            kind, detail = self._receive(deadline - time.monotonic())
+            if kind == "applied" and detail == generation:
+                return None
+            if kind == "failed":
+                return str(detail[1] if isinstance(detail, tuple) else detail)
+            if kind == "gone":
+                return f"{self.name} exited during the reload"
+        return f"{self.name} did not apply generation {generation} within {RELOAD_TIMEOUT:g} s"
+
+    def signal_stop(self) -> None:
+        if self.process is not None and self.process.is_alive() and self.process.pid is not None:
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def join(self, timeout: float = 15) -> None:
+        if self.process is None:
+            return
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.log.error("worker_kill", worker=self.name, detail=f"did not stop within {timeout:g} s")
+            self.process.kill()
+            self.process.join(5)
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def stop(self, timeout: float = 15) -> None:
+        self.signal_stop()
+        self.join(timeout)
