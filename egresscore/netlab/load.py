@@ -12,6 +12,10 @@
   flat out or paced; what was sent and how long it took.
 - ``udp-echo --host H --port P --count N [--size B]``: N requests, each waiting for its
   echo (the socket stays open meanwhile, so ICMP errors about it are delivered).
+- ``latency --host H --port P --count N [--protocol tcp|udp] [--pause S]``: N new flows
+  one after the other, each its first packet's round trip: a TCP connect (SYN to
+  SYN-ACK) or a UDP request to an echo server from a new socket; microseconds each, with
+  the median and the 90th percentile.
 """
 
 from __future__ import annotations
@@ -157,6 +161,35 @@ def udp_echo(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": args.count, "replies": replies}
 
 
+def latency(args: argparse.Namespace) -> dict[str, Any]:
+    samples: list[float] = []
+    failures = 0
+    for i in range(args.count):
+        kind = socket.SOCK_STREAM if args.protocol == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.settimeout(args.timeout)
+            try:
+                started = time.perf_counter()
+                if args.protocol == "tcp":
+                    sock.connect((args.host, args.port))
+                else:
+                    sock.sendto(f"latency {i}".encode(), (args.host, args.port))
+                    sock.recvfrom(2048)
+                samples.append((time.perf_counter() - started) * 1e6)
+            except OSError:
+                failures += 1
+        if args.pause:
+            time.sleep(args.pause)
+    ordered = sorted(samples)
+    return {
+        "count": len(samples),
+        "failures": failures,
+        "median_us": ordered[len(ordered) // 2] if ordered else None,
+        "p90_us": ordered[int(len(ordered) * 0.9)] if ordered else None,
+        "samples_us": [round(v, 1) for v in samples],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m egresscore.netlab.load")
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -185,8 +218,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("latency")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("--pause", type=float, default=0.002)
+    p.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)
-    handlers = {"http": http, "connections": connections, "udp": udp, "udp-echo": udp_echo}
+    handlers = {
+        "http": http,
+        "connections": connections,
+        "udp": udp,
+        "udp-echo": udp_echo,
+        "latency": latency,
+    }
     print(json.dumps(handlers[args.mode](args)), flush=True)
 
 
