@@ -7,8 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the build and the tests need: the C libraries the NFQUEUE binding links
 # with, and the tools the gateway and its network tests and benches drive (iptables,
-# conntrack, ip, ping, ethtool, iperf3, sysctl).
-DEB_PACKAGES := build-essential pkg-config libnetfilter-queue-dev libmnl-dev libnetfilter-conntrack-dev iptables conntrack iproute2 iputils-ping ethtool iperf3 procps
+# conntrack, ip, ping, ethtool, iperf3, sysctl, and tcpdump for the leak captures).
+DEB_PACKAGES := build-essential pkg-config libnetfilter-queue-dev libmnl-dev libnetfilter-conntrack-dev iptables conntrack iproute2 iputils-ping ethtool iperf3 procps tcpdump
 BENCH_ARGS ?=
 
 .PHONY: all demo test bench build lint clean system-deps

@@ -27,7 +27,18 @@ __all__ = [
 ]
 
 DATA = Path(__file__).parent / "data" / "agent"
-TOOLS = ("ip", "iptables", "iptables-restore", "iperf3", "ethtool", "nstat", "ping", "sysctl", "conntrack")
+TOOLS = (
+    "ip",
+    "iptables",
+    "iptables-restore",
+    "iperf3",
+    "ethtool",
+    "nstat",
+    "ping",
+    "sysctl",
+    "conntrack",
+    "tcpdump",
+)
 _checked: str | None = None
 
 

@@ -23,7 +23,7 @@ import ipaddress
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from egresscore.agent.config import AgentConfig
 from egresscore.agent.iptables import GatewayRules, QueuePorts
 from egresscore.agent.log import EventLog
 from egresscore.agent.netlink import add_address, remove_address
-from egresscore.agent.process import WorkerHandle
+from egresscore.agent.process import WorkerHandle, restart_dead
 from egresscore.agent.tunnel import TunnelSpec, ensure_tunnel, read_sysctl, remove_tunnel
 from egresscore.agent.worker import (
     GatewayWorkerSpec,
@@ -225,7 +225,7 @@ class GatewayRole:
     def rules_for(
         self, egress_ips: tuple[ipaddress.IPv4Address, ...], destinations: tuple[ipaddress.IPv4Network, ...]
     ) -> GatewayRules:
-        gateway = self.config.gateway
+        gateway, tunnel = self.config.gateway, self.config.tunnel
         return GatewayRules(
             egress_ips=egress_ips,
             destinations=destinations,
@@ -234,6 +234,9 @@ class GatewayRole:
             ingress_interfaces=self.ingress_interfaces(),
             tcp_in_kernel=gateway.tcp_translation == "kernel",
             bypass=not self.config.fail_closed,
+            tunnel_interfaces=(tunnel.device,)
+            if tunnel is not None and self.tunnel_index is not None
+            else (),
         )
 
     def _spec(self, queue: int, ports: tuple[int, int], plan: GatewayPlan) -> GatewayWorkerSpec:
@@ -261,7 +264,7 @@ class GatewayRole:
     # -- start ------------------------------------------------------------------------
 
     def start(self, compiler: Compiler, plan: GatewayPlan) -> None:
-        config, gateway = self.config, self.config.gateway
+        config = self.config
         self.plan = plan
         if not plan.egress_ips:
             self.log.warning("no_egress_ips", detail=f"no policy names node {config.node!r} as a gateway")
@@ -275,8 +278,7 @@ class GatewayRole:
         spec = tunnel_spec(config, compiler, with_address=True)
         if spec is not None:
             self.tunnel_index, _mtu = ensure_tunnel(spec)
-        for k, ports in enumerate(split_ports(*gateway.port_range, gateway.queue_count)):
-            self._start_worker(self._spec(gateway.first_queue + k, ports, plan), compiler)
+        self._ensure_workers(compiler, plan)
         # One transaction replaces whatever chains an earlier run left.
         iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
         # The egress IPs come after the rules, and go before them: a reply reaching a local
@@ -300,6 +302,16 @@ class GatewayRole:
             policies=len(compiler.units),
             tunnel=None if spec is None else spec.device,
         )
+
+    def _ensure_workers(self, compiler: Compiler, plan: GatewayPlan) -> None:
+        """Start the workers once the policies give this node an egress IP (a SNAT table
+        needs one). Once started they stay, also when a reload takes every egress IP
+        away: their tables keep the flows in progress."""
+        if self.workers or not plan.egress_ips:
+            return
+        gateway = self.config.gateway
+        for k, ports in enumerate(split_ports(*gateway.port_range, gateway.queue_count)):
+            self._start_worker(self._spec(gateway.first_queue + k, ports, plan), compiler)
 
     def _start_worker(self, spec: GatewayWorkerSpec, compiler: Compiler) -> None:
         handle = WorkerHandle(f"egresscore-gateway-queue-{spec.queue}", gateway_worker_main, spec, self.log)
@@ -350,6 +362,7 @@ class GatewayRole:
             _by_address(set(old.egress_ips) | set(plan.egress_ips)),
             _by_network(set(old.destinations) | set(plan.destinations)),
         )
+        self._ensure_workers(compiler, plan)
         iptables.apply(union)
         self._add_addresses(plan.egress_ips)
         parameters = {
@@ -358,15 +371,18 @@ class GatewayRole:
         }
         self.plan = plan
         for queue, handle in list(self.workers.items()):
-            handle.spec = self._spec(queue, handle.spec.port_range, plan)
+            spec = self._spec(queue, handle.spec.port_range, plan)
+            if not plan.egress_ips:
+                # A restart must still build a table: it keeps the addresses it had.
+                spec = replace(spec, egress_ips=handle.spec.egress_ips)
+            handle.spec = spec
             problem = handle.reload(generation, texts, parameters)
             if problem is not None:
-                # A worker that could not take the new policies is started again with them
-                # (it saves and restores its table across the restart).
+                # A worker that could not take the new policies is stopped (it saves its
+                # table); supervise() starts it again with them, and restores the table.
                 problems.append(problem)
                 self.log.error("worker_reload_failed", queue=queue, error=problem)
                 handle.stop()
-                self._start_worker(handle.spec, compiler)
         iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
         self._remove_addresses_except(plan.egress_ips)
         return problems
@@ -375,14 +391,7 @@ class GatewayRole:
 
     def supervise(self, compiler: Compiler) -> None:
         """Start again a worker that died (its queue drops packets meanwhile)."""
-        for queue, handle in list(self.workers.items()):
-            if not handle.alive():
-                self.log.error("worker_died", queue=queue, exitcode=handle.exitcode)
-                handle.join(1)
-                try:
-                    self._start_worker(handle.spec, compiler)
-                except EgressCoreError as error:
-                    self.log.error("worker_restart_failed", queue=queue, error=str(error))
+        restart_dead(self.workers, compiler.classifier, self.log)
 
     def status(self) -> dict[str, Any]:
         """The workers' last status files, by queue."""

@@ -62,6 +62,8 @@ class GatewayRules:
     tcp_in_kernel: bool = False
     # failure_mode open: with no worker listening the kernel accepts packets untranslated.
     bypass: bool = False
+    # The tunnel: what arrives on it for no destination of this gateway is dropped.
+    tunnel_interfaces: tuple[str, ...] = ()
 
     def marks(self) -> tuple[int, int, int]:
         """The three mark bits: queued to a worker after routing; a TCP packet to a
@@ -96,6 +98,20 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
         for interface in interfaces:
             match = f"-i {interface} " if interface else ""
             raw.append(f"-A {pre} {match}-d {network} -g {select}")
+    # A packet a node redirected here whose destination no policy of this gateway covers
+    # (the node's policies are not the gateway's, for a moment or for good), and that is
+    # no flow the kernel translates already (a TCP flow whose policy went away): it could
+    # only leave untranslated, so it is dropped, after routing, once conntrack has seen it.
+    forward = CHAIN_PREFIX + "FWD"
+    guard = [f":{forward} - [0:0]"]
+    selected = f"0x0/0x{bits[0] | bits[1]:x}"
+    for interface in rules.tunnel_interfaces:
+        guard.append(
+            f"-A {forward} -i {interface} -m mark --mark {selected} -m conntrack ! --ctstate SNAT -j DROP"
+        )
+    if not rules.queues:
+        # No egress IP, no worker: the tunnel's guard is all there is.
+        return {"mangle": guard} if rules.tunnel_interfaces else {}
     # Replies to an egress IP: kept out of the kernel's conntrack (the SNAT table is the
     # state of record; a conntrack entry created from a reply would only be in the way)
     # and sent to the worker whose port range holds the destination port. With TCP in
@@ -156,6 +172,8 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
     raw.append(f"-A {select} -j MARK --set-xmark {queued}")
     raw.append(f"-A {select} -j CT --notrack")
     mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {queued} -j {_queue_target(rules)}"]
+    if rules.tunnel_interfaces:
+        mangle = guard + mangle
     tables = {"raw": raw, "mangle": mangle}
     if kernel:
         remember = CHAIN_PREFIX + "REMEMBER"
@@ -182,7 +200,11 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
 
 JUMPS = {
     "raw": [("PREROUTING", CHAIN_PREFIX + "PRE")],
-    "mangle": [("POSTROUTING", CHAIN_PREFIX + "POST"), ("PREROUTING", CHAIN_PREFIX + "REMEMBER")],
+    "mangle": [
+        ("POSTROUTING", CHAIN_PREFIX + "POST"),
+        ("PREROUTING", CHAIN_PREFIX + "REMEMBER"),
+        ("FORWARD", CHAIN_PREFIX + "FWD"),
+    ],
     "nat": [("POSTROUTING", CHAIN_PREFIX + "NAT")],
 }
 

@@ -29,7 +29,7 @@ from egresscore.agent.config import AgentConfig
 from egresscore.agent.gateway import process_alive, read_record, tunnel_spec
 from egresscore.agent.iptables import NodeRules
 from egresscore.agent.log import EventLog
-from egresscore.agent.process import WorkerHandle
+from egresscore.agent.process import WorkerHandle, restart_dead
 from egresscore.agent.tunnel import (
     SlotRoute,
     ensure_tunnel,
@@ -327,10 +327,10 @@ class NodeRole:
             handle.spec = self._spec(queue, plan)
             problem = handle.reload(generation, texts, parameters)
             if problem is not None:
+                # Stopped; supervise() starts it again, forked with the new policies.
                 problems.append(problem)
                 self.log.error("worker_reload_failed", queue=queue, error=problem)
                 handle.stop()
-                self._start_worker(handle.spec, compiler)
         self._apply_rules(plan.destinations)
         self._warn_about(plan, missing)
         return problems
@@ -338,14 +338,7 @@ class NodeRole:
     # -- run --------------------------------------------------------------------------
 
     def supervise(self, compiler: Compiler) -> None:
-        for queue, handle in list(self.workers.items()):
-            if not handle.alive():
-                self.log.error("worker_died", queue=queue, exitcode=handle.exitcode)
-                handle.join(1)
-                try:
-                    self._start_worker(handle.spec, compiler)
-                except EgressCoreError as error:
-                    self.log.error("worker_restart_failed", queue=queue, error=str(error))
+        restart_dead(self.workers, compiler.classifier, self.log)
         now = time.monotonic()
         if self.retired and now >= self.next_retire_check:
             self.next_retire_check = now + RETIRE_CHECK_INTERVAL

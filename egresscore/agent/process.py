@@ -15,7 +15,7 @@ from egresscore.agent.log import EventLog
 from egresscore.core.classifier import Classifier
 from egresscore.errors import EgressCoreError
 
-__all__ = ["WorkerHandle"]
+__all__ = ["WorkerHandle", "restart_dead"]
 
 _CONTEXT = multiprocessing.get_context("fork")
 READY_TIMEOUT = 30.0
@@ -41,6 +41,10 @@ class WorkerHandle:
         self.process: BaseProcess | None = None
         self.connection: Connection | None = None
         self.restored = 0
+        # Restarts after a death back off (0.5 s, doubling, at most 30 s) so that a worker
+        # that cannot start does not spin.
+        self.failures = 0
+        self.next_attempt = 0.0
 
     def start(self, classifier: Classifier) -> None:
         parent, child = _CONTEXT.Pipe(duplex=True)
@@ -122,3 +126,27 @@ class WorkerHandle:
     def stop(self, timeout: float = 15) -> None:
         self.signal_stop()
         self.join(timeout)
+
+
+def restart_dead(workers: dict[int, WorkerHandle], classifier: Classifier, log: EventLog) -> None:
+    """Start again every worker that died (its queue drops packets meanwhile: no
+    listener, no bypass), with ``classifier``; failed starts back off."""
+    now = time.monotonic()
+    for queue, handle in workers.items():
+        if handle.alive() or now < handle.next_attempt:
+            continue
+        if handle.process is not None:
+            log.error("worker_died", queue=queue, exitcode=handle.exitcode)
+            handle.join(1)
+            handle.process = None
+        try:
+            handle.start(classifier)
+        except EgressCoreError as error:
+            handle.failures += 1
+            handle.next_attempt = now + min(30.0, 0.5 * 2 ** (handle.failures - 1))
+            handle.process = None
+            log.error(
+                "worker_restart_failed", queue=queue, error=str(error), retry_in=handle.next_attempt - now
+            )
+        else:
+            handle.failures = 0

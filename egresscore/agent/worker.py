@@ -248,7 +248,9 @@ def gateway_worker_main(
         new_classifier = compile_texts(texts, spec.node)
         egress_ips = tuple(parameters["egress_ips"])
         new_table = None
-        if egress_ips != tuple(str(ip) for ip in table.egress_ips):
+        # No egress IP left: the table stays as it is, for the replies of flows in
+        # progress (a SNAT table needs at least one address; no new flow is translated).
+        if egress_ips and egress_ips != tuple(str(ip) for ip in table.egress_ips):
             # The egress IPs changed: a table with the new set takes over every entry whose
             # egress IP it still has (the others' flows end with their address).
             now = time.monotonic()
