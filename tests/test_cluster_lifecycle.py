@@ -331,3 +331,23 @@ def test_the_status_command_reads_the_workers() -> None:
         )
         assert "node queue 100: running" in status.stdout
         assert "redirected: 1" in status.stdout
+
+
+def test_a_retired_gateway_slot_is_freed_once_its_last_connection_is_gone() -> None:
+    with cluster() as site:
+        # Short conntrack timeouts on node-a, so that closed connections go within seconds.
+        for key, value in (("time_wait", "1"), ("close", "1"), ("fin_wait", "1"), ("last_ack", "1")):
+            site.lab.sysctl(site.ns("na"), f"net.netfilter.nf_conntrack_tcp_timeout_{key}", value)
+        record = site.server("http", 8080)
+        assert site.fetch("pa1", EXTERNAL, record) == EGRESS
+        assert site.host_state("node-a")["rules"]
+        site.write_policy("# no egress policies\n")
+        site.wait_reloaded(2)
+        agent = site.agents["node-a"]
+        assert agent.wait_for("slot_retired")["endpoint"] == GATEWAY_NODE
+        # Checked every 10 s: once no connection carries the slot's mark, its rule and table go.
+        freed = agent.wait_for("slot_freed", timeout=40)
+        assert freed["endpoint"] == GATEWAY_NODE
+        assert site.host_state("node-a")["rules"] == []
+        table = site.lab.run(site.ns("na"), "ip", "route", "show", "table", "2100", check=False)
+        assert table.stdout.strip() == ""
