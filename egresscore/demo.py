@@ -123,10 +123,12 @@ def run_cluster_demo(echo: Callable[[str], object] = print) -> list[DemoRow]:
         lab.stop(server)
     _print_table(rows, echo)
     echo("")
+    decided = ", ".join(
+        f"{key} {value}" for key, value in counters.items() if value and key != "queue_packets"
+    )
     echo(
-        "node decisions (both nodes): "
-        + ", ".join(f"{key} {value}" for key, value in counters.items() if value)
-        + "; every later packet of a flow followed its connection's mark in the kernel"
+        f"node workers (both nodes): {counters.get('queue_packets', 0)} packets queued, one per connection "
+        f"to a policy destination ({decided}); the connections' other packets stayed in the kernel"
     )
     wrong = [row for row in rows if row.seen != row.expected]
     echo("all sources as the policy says" if not wrong else f"{len(wrong)} source(s) differ from the policy")
@@ -143,7 +145,7 @@ def _node_counters(agents: list[AgentRun]) -> dict[str, int]:
     time.sleep(0.3)  # one status interval
     for agent in agents:
         for status in agent.status():
-            for key in ("passed", "redirected", "unknown_source_drop", "no_gateway_drop"):
+            for key in ("queue_packets", "passed", "redirected", "unknown_source_drop", "no_gateway_drop"):
                 totals[key] = totals.get(key, 0) + int(status.get("datapath", {}).get(key, 0))
     return totals
 
@@ -153,8 +155,8 @@ def _print_table(rows: list[DemoRow], echo: Callable[[str], object]) -> None:
     header = (
         f"{'pod':<12} {'labels':<22} {'destination':<36} {'source seen by the server':<26} {'expected':<14}"
     )
-    echo(header)
-    echo("-" * len(header))
+    echo(header.rstrip())
+    echo("-" * len(header.rstrip()))
     for row in rows:
         mark = "ok" if row.seen == row.expected else "WRONG"
         seen = f"{row.seen} ({row.verdict})" if row.seen != "no answer" else row.seen
