@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import shutil
 from pathlib import Path
@@ -235,7 +236,30 @@ def test_tcp_in_the_kernel_queues_first_packets_only_and_fails_closed() -> None:
     assert chain[1] == f"-A {tcp} -p tcp ! --syn -j RETURN"
     assert chain[-1] == f"-A {tcp} -j NFQUEUE --queue-balance 0:1"
     # A pod's TCP packet whose connection has no worker-made NAT and no pass mark: dropped.
-    assert any("! --ctstate SNAT" in line and line.endswith("-j DROP") for line in mangle)
+    assert (
+        f"-A {CHAIN_PREFIX}POST -m mark --mark 0x800000/0x800000 -m connmark --mark 0x0/0x1400000 -j DROP"
+        in mangle
+    )
     assert tables["nat"] == [f":{CHAIN_PREFIX}NAT - [0:0]"]
     # The three mark bits are distinct.
     assert len(set(kernel.marks())) == 3
+
+
+def test_applying_removes_jumps_an_older_version_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    from egresscore.agent import iptables
+
+    # An older gateway jumped to REMEMBER from mangle PREROUTING; this one jumps from FORWARD.
+    saved = """*mangle
+:PREROUTING ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:EGRESSCORE-GW-REMEMBER - [0:0]
+-A PREROUTING -m comment --comment egresscore -j EGRESSCORE-GW-REMEMBER
+COMMIT
+"""
+    sent: list[str] = []
+    monkeypatch.setattr(
+        iptables, "_run", lambda argv, text_in=None: saved if text_in is None else sent.append(text_in) or ""
+    )
+    iptables.apply(dataclasses.replace(rules(1), tcp_in_kernel=True))
+    assert "-D PREROUTING -m comment --comment egresscore -j EGRESSCORE-GW-REMEMBER" in sent[0]
+    assert '-I FORWARD 1 -m comment --comment "egresscore" -j EGRESSCORE-GW-REMEMBER' in sent[0]

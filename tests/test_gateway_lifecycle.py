@@ -143,10 +143,12 @@ def test_a_crashed_run_fails_closed_and_the_next_one_replaces_its_leftovers(
     time.sleep(0.5)
     lab.stop(sink)
     assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
-    # One jump per chain it owns (raw PREROUTING, mangle PREROUTING and POSTROUTING, nat
+    # One jump per chain it owns (raw PREROUTING, mangle FORWARD and POSTROUTING, nat
     # POSTROUTING): the leftovers were replaced, not doubled.
     jumps = [
-        line for line in host_state(lab, topology)[0] if line.split()[1] in ("PREROUTING", "POSTROUTING")
+        line
+        for line in host_state(lab, topology)[0]
+        if line.split()[1] in ("PREROUTING", "FORWARD", "POSTROUTING")
     ]
     assert len(jumps) == 4 and len(set(jumps)) == 4, jumps
     assert second.stop() == 0
@@ -264,3 +266,36 @@ def test_a_second_agent_on_the_same_state_is_refused(net: tuple[Lab, GatewayTopo
     rules, has_address = host_state(lab, topology)
     assert rules and has_address
     assert first.stop() == 0
+
+
+def test_a_tcp_flow_older_than_the_gateway_is_cut_not_left_masqueraded(
+    net: tuple[Lab, GatewayTopology],
+) -> None:
+    # Before egresscore runs, the pod's stream leaves with the node's address (the CNI's
+    # masquerade made its conntrack entry). Once the gateway runs, the stream belongs to a
+    # policy; its entry is no worker's, so the guard drops it instead of letting it go on
+    # masqueraded (conntrack's own entry has a source NAT too: only the connmark tells).
+    lab, topology = net
+    record = str(lab.workdir / "stream.jsonl")
+    server = lab.python(
+        topology.external, "egresscore.netlab.peers", "tcp-stream", "--bind", EXTERNAL, "--port", "7300",
+        "--record", record, "--duration", "60", stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    client = lab.python(
+        topology.client, "egresscore.netlab.load", "stream", "--host", EXTERNAL, "--port", "7300",
+        "--duration", "6", stdout=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(1.5)
+    started = time.monotonic()
+    agent = GatewayRun(lab, topology.gateway, write_gateway_config(lab))
+    elapsed = time.monotonic() - started
+    out, _ = client.communicate(timeout=30)
+    assert json.loads(out)["stalls"] > 0  # the stream stopped getting through
+    lab.stop(server)
+    seconds = [r for r in read_records(record) if r["bytes"]]
+    assert {r["peer"] for r in seconds} == {GatewayTopology.GATEWAY_UPLINK_IP}
+    # Bytes arrived in the first second (before the gateway); none once it ran.
+    assert seconds[0]["second"] <= 1
+    assert max(r["second"] for r in seconds) <= 2 + elapsed, seconds
+    assert agent.stop() == 0

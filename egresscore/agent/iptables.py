@@ -105,9 +105,11 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
     forward = CHAIN_PREFIX + "FWD"
     guard = [f":{forward} - [0:0]"]
     selected = f"0x0/0x{bits[0] | bits[1]:x}"
+    # The workers' conntrack entries carry the first mark bit as their connmark.
+    ours = f"0x0/0x{bits[0]:x}"
     for interface in rules.tunnel_interfaces:
         guard.append(
-            f"-A {forward} -i {interface} -m mark --mark {selected} -m conntrack ! --ctstate SNAT -j DROP"
+            f"-A {forward} -i {interface} -m mark --mark {selected} -m connmark --mark {ours} -j DROP"
         )
     if not rules.queues:
         # No egress IP, no worker: the tunnel's guard is all there is.
@@ -185,13 +187,13 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
             f"-A {remember} -m mark --mark {passed} -j CONNMARK --save-mark --nfmask 0x{bits[2]:x} "
             f"--ctmask 0x{bits[2]:x}"
         )
-        # Fail closed: a pod's TCP packet to a policy destination whose connection has no
-        # source NAT from a worker (its entry expired, or the flow is older than the
-        # gateway) and was not passed by the policy is dropped, never sent on as it is.
-        mangle.append(
-            f"-A {post} -m mark --mark {tcp_selected} -m conntrack ! --ctstate SNAT "
-            f"-m connmark ! --mark {passed} -j DROP"
-        )
+        # Fail closed: a pod's TCP packet to a policy destination whose connection is
+        # neither a worker's (the workers' entries carry the first mark bit as their
+        # connmark; an entry conntrack made itself, NATed by the CNI's masquerade, does
+        # not) nor passed by the policy is dropped, never sent on as it is: its entry
+        # expired, the flow is older than the gateway, or the kernel refused the create.
+        neither = f"0x0/0x{bits[0] | bits[2]:x}"
+        mangle.append(f"-A {post} -m mark --mark {tcp_selected} -m connmark --mark {neither} -j DROP")
         # The kernel's NAT hooks exist in a network namespace only while it has a nat
         # table chain; the entries the workers create need them. The chain holds nothing.
         tables["nat"] = [f":{nat} - [0:0]"]
@@ -202,7 +204,10 @@ JUMPS = {
     "raw": [("PREROUTING", CHAIN_PREFIX + "PRE")],
     "mangle": [
         ("POSTROUTING", CHAIN_PREFIX + "POST"),
-        ("PREROUTING", CHAIN_PREFIX + "REMEMBER"),
+        # FORWARD, not PREROUTING: in role both the node role's queue in mangle PREROUTING
+        # would end that chain's traversal for the packets it decides (an accept verdict
+        # resumes at the next hook), and the pass bit would never be saved.
+        ("FORWARD", CHAIN_PREFIX + "REMEMBER"),
         ("FORWARD", CHAIN_PREFIX + "FWD"),
     ],
     "nat": [("POSTROUTING", CHAIN_PREFIX + "NAT")],
@@ -341,12 +346,19 @@ def apply_tables(
                 continue
             if not any(rule.split()[1] == builtin and rule.endswith(f"-j {chain}") for rule in jumps):
                 lines.append(f'-I {builtin} 1 -m comment --comment "{COMMENT}" -j {chain}')
-    # Chains of an older rule set that this one no longer has (a changed role) go too.
+    # Chains of an older rule set that this one no longer has (a changed role) go too, and
+    # jumps from a built-in chain this one does not jump from (an older version's).
     for table, (jumps, chains) in owned.items():
         wanted = {line[1:].split()[0] for line in tables.get(table, []) if line.startswith(":")}
+        wanted_jumps = set(jumps_by_table.get(table, []))
         stale = [c for c in chains if c not in wanted]
-        stale_jumps = [j for j in jumps if j.split("-j ")[-1].strip() in stale]
-        if stale:
+        stale_jumps = [
+            j
+            for j in jumps
+            if j.split("-j ")[-1].strip() in stale
+            or (j.split()[1], j.split("-j ")[-1].strip()) not in wanted_jumps
+        ]
+        if stale or stale_jumps:
             tables.setdefault(table, []).extend(_removal_lines(stale_jumps, stale))
     _restore(tables, family)
 

@@ -12,6 +12,9 @@
   flat out or paced; what was sent and how long it took.
 - ``udp-echo --host H --port P --count N [--size B]``: N requests, each waiting for its
   echo (the socket stays open meanwhile, so ICMP errors about it are delivered).
+- ``stream --host H --port P --duration S [--chunk B] [--interval S]``: one TCP
+  connection sending B bytes every interval for S seconds (a send that blocks for half a
+  second is a stall, not an end); bytes sent and stalls.
 - ``latency --host H --port P --count N [--protocol tcp|udp] [--pause S]``: N new flows
   one after the other, each its first packet's round trip: a TCP connect (SYN to
   SYN-ACK) or a UDP request to an echo server from a new socket; microseconds each, with
@@ -161,6 +164,24 @@ def udp_echo(args: argparse.Namespace) -> dict[str, Any]:
     return {"sent": args.count, "replies": replies}
 
 
+def stream(args: argparse.Namespace) -> dict[str, Any]:
+    sent = stalls = 0
+    chunk = b"s" * args.chunk
+    with socket.create_connection((args.host, args.port), timeout=5) as sock:
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + args.duration
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(chunk)
+                sent += len(chunk)
+            except TimeoutError:
+                stalls += 1
+            except OSError:
+                break
+            time.sleep(args.interval)
+    return {"sent": sent, "stalls": stalls}
+
+
 def latency(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[float] = []
     failures = 0
@@ -218,6 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--timeout", type=float, default=2.0)
+    p = sub.add_parser("stream")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--interval", type=float, default=0.05)
     p = sub.add_parser("latency")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -232,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "udp": udp,
         "udp-echo": udp_echo,
         "latency": latency,
+        "stream": stream,
     }
     print(json.dumps(handlers[args.mode](args)), flush=True)
 

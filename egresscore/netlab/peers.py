@@ -5,8 +5,10 @@
 one JSON line per connection, datagram or echo request to ``FILE``, flushed at once.
 Kinds: ``http`` (GET / answers with the peer address; GET /bytes?n=N answers N bytes),
 ``udp-echo``, ``udp-sink`` (counts datagrams per peer, records the totals at exit),
-``tcp-sink`` (accepts and closes connections, counts them per peer), and ``icmp``
-(records the source of every ICMP echo request; the kernel answers it).
+``tcp-sink`` (accepts and closes connections, counts them per peer), ``tcp-stream``
+(reads what each connection sends and records its bytes every second, with the
+seconds since the server started), and ``icmp`` (records the source of every ICMP echo
+request; the kernel answers it).
 """
 
 from __future__ import annotations
@@ -136,6 +138,59 @@ def _serve_tcp_sink(args: argparse.Namespace, record: _Recorder, stop: threading
     listener.close()
 
 
+def _serve_tcp_stream(args: argparse.Namespace, record: _Recorder, stop: threading.Event) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.bind, args.port))
+    listener.listen(64)
+    listener.setblocking(False)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, None)
+    started = time.monotonic()
+    received: dict[socket.socket, int] = {}
+    peers: dict[socket.socket, str] = {}
+    second = 0
+    print("ready", flush=True)
+
+    def flush(now_second: int) -> None:
+        for connection, count in received.items():
+            record.write(peer=peers[connection], second=now_second, bytes=count)
+            received[connection] = 0
+
+    while not stop.is_set():
+        for key, _events in selector.select(0.1):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    connection, (peer, _port) = listener.accept()
+                    connection.setblocking(False)
+                    selector.register(connection, selectors.EVENT_READ, peer)
+                    received[connection], peers[connection] = 0, peer
+                continue
+            connection = key.fileobj
+            assert isinstance(connection, socket.socket)
+            try:
+                data = connection.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                received[connection] += len(data)
+            else:
+                selector.unregister(connection)
+                record.write(
+                    peer=peers[connection],
+                    second=int(time.monotonic() - started),
+                    bytes=received.pop(connection),
+                )
+                peers.pop(connection)
+                connection.close()
+        now_second = int(time.monotonic() - started)
+        if now_second != second:
+            flush(second)
+            second = now_second
+    flush(second)
+    listener.close()
+
+
 def _serve_icmp(args: argparse.Namespace, record: _Recorder, stop: threading.Event) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.settimeout(0.2)
@@ -154,7 +209,7 @@ def _serve_icmp(args: argparse.Namespace, record: _Recorder, stop: threading.Eve
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m egresscore.netlab.peers")
-    parser.add_argument("kind", choices=("http", "udp-echo", "udp-sink", "tcp-sink", "icmp"))
+    parser.add_argument("kind", choices=("http", "udp-echo", "udp-sink", "tcp-sink", "tcp-stream", "icmp"))
     parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--record", required=True)
@@ -174,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             _serve_udp(args, record, stop, echo=args.kind == "udp-echo")
         elif args.kind == "tcp-sink":
             _serve_tcp_sink(args, record, stop)
+        elif args.kind == "tcp-stream":
+            _serve_tcp_stream(args, record, stop)
         else:
             _serve_icmp(args, record, stop)
     sys.exit(0)
