@@ -277,6 +277,7 @@ def build_summary(config: pytest.Config, benchmarks: list[Any]) -> dict[str, Any
     targets.extend(snat_targets(config, groups))
     targets.extend(classifier_targets(groups))
     targets.extend(gateway_targets(config))
+    targets.extend(cluster_targets(config))
     return {
         "mode": "quick" if quick_mode(config) else "full",
         "speedup_means": "peer mean time per operation / egresscore mean time per operation",
@@ -364,6 +365,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if config.stash.get(GATEWAY_RESULTS, None):
         terminalreporter.write_sep("=", "gateway: egresscore vs kernel SNAT vs the netfilterqueue package")
         for line in gateway_lines(config):
+            terminalreporter.write_line(line)
+    if config.stash.get(CLUSTER_RESULTS, None):
+        terminalreporter.write_sep("=", "cluster: egresscore vs a kernel-only egress gateway, pod to host")
+        for line in cluster_lines(config):
             terminalreporter.write_line(line)
     timed = _timed_benchmarks(config)
     if not timed:
@@ -598,5 +603,81 @@ def gateway_lines(config: pytest.Config) -> Iterator[str]:
                    f"{ratio:>16}{cpu:>8}{queued:>10}{per:>11}  {other}")  # fmt: skip
     yield ""
     for target in gateway_targets(config):
+        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
+        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
+
+
+# === Cluster (bench_cluster.py) ====================================================================
+# The whole path from a pod to the external host, per peer, each on a namespace cluster of its own.
+# Ratios are egresscore's value over the peer's (above 1: egresscore moves more); for the first-packet
+# latencies the column shows what egresscore adds instead (its median minus the peer's). The targets
+# are the issue's, against the kernel-only egress gateway.
+
+CLUSTER_RESULTS: Final = pytest.StashKey[dict[str, dict[str, dict[str, Any]]]]()
+CLUSTER_METRICS: Final = ("tcp-1", "conn", "latency-tcp", "latency-udp")
+CLUSTER_PEERS: Final = ("egresscore", "kernel-gateway", "direct")
+CLUSTER_MAX_ADDED_LATENCY_US: Final = 50.0
+
+
+def _cluster_added(
+    results: dict[str, dict[str, dict[str, Any]]], metric: str, peer: str, statistic: str = "value"
+) -> float | None:
+    """egresscore's latency minus the peer's, in microseconds."""
+    rows = results.get(metric, {})
+    ours, theirs = rows.get("egresscore", {}).get(statistic), rows.get(peer, {}).get(statistic)
+    return None if ours is None or theirs is None else float(ours) - float(theirs)
+
+
+def cluster_targets(config: pytest.Config) -> list[dict[str, Any]]:
+    results = config.stash.get(CLUSTER_RESULTS, {})
+    if not results:
+        return []
+    return [
+        _target("cluster tcp-1 >= 0.9x kernel gateway",
+                _gateway_ratio(results, "tcp-1", "kernel-gateway"), ">=", 0.9, "x"),
+        _target("cluster new connections/s >= 0.8x kernel gateway",
+                _gateway_ratio(results, "conn", "kernel-gateway"), ">=", 0.8, "x"),
+        _target(f"cluster added first-packet latency (TCP median) < {CLUSTER_MAX_ADDED_LATENCY_US:g} us",
+                _cluster_added(results, "latency-tcp", "kernel-gateway"), "<",
+                CLUSTER_MAX_ADDED_LATENCY_US, "us"),
+    ]  # fmt: skip
+
+
+def cluster_lines(config: pytest.Config) -> Iterator[str]:
+    results = config.stash.get(CLUSTER_RESULTS, {})
+    yield "pod pa1 -> 203.0.113.10; value per peer (one measurement each, a fresh cluster per peer, same run)"
+    yield "vs peer: egresscore / peer for rates, egresscore - peer (added us) for latencies"
+    yield "CPU: user+system time of egresscore's node and gateway agents and workers / packets queued to them"
+    yield (f"{'metric':<13}{'peer':<16}{'value':>12}  {'unit':<11}{'vs peer':>11}"
+           f"{'CPU s':>8}{'queued':>10}{'us/queued':>11}  other")  # fmt: skip
+    for metric in CLUSTER_METRICS:
+        rows = results.get(metric, {})
+        latency = metric.startswith("latency-")
+        for position, peer in enumerate(p for p in CLUSTER_PEERS if p in rows):
+            row = rows[peer]
+            versus = ""
+            if peer != "egresscore" and latency:
+                added = _cluster_added(results, metric, peer)
+                versus = "" if added is None else f"{added:+,.1f} us"
+            elif peer != "egresscore":
+                versus = _format_ratio(_gateway_ratio(results, metric, peer))
+            cpu = f"{row['cpu_seconds']:.2f}" if "cpu_seconds" in row else "-"
+            queued = f"{row['packets_handed']:,}" if "packets_handed" in row else "-"
+            per = f"{row['us_per_packet']:.1f}" if row.get("us_per_packet") is not None else "-"
+            other = [f"p90={row['p90_us']:,.1f} us"] if row.get("p90_us") is not None else []
+            other += [f"{key}={row[key]}" for key in ("retransmits", "failures") if key in row]
+            other += [f"{role} {row[f'{role}_cpu_seconds']:.2f} s {row[f'{role}_packets_handed']:,} pkt"
+                      for role in ("node", "gateway") if f"{role}_cpu_seconds" in row]  # fmt: skip
+            value = "-" if row["value"] is None else f"{row['value']:,.2f}"
+            yield (f"{metric if position == 0 else '':<13}{peer:<16}{value:>12}  {row['unit']:<11}"
+                   f"{versus:>11}{cpu:>8}{queued:>10}{per:>11}  {', '.join(other)}")  # fmt: skip
+    yield ""
+    for metric in ("latency-tcp", "latency-udp"):
+        median = _cluster_added(results, metric, "kernel-gateway")
+        p90 = _cluster_added(results, metric, "kernel-gateway", "p90_us")
+        if median is not None and p90 is not None:
+            yield (f"added first-packet latency, {metric[8:].upper()} (egresscore - kernel gateway): "
+                   f"median {median:+,.1f} us, p90 {p90:+,.1f} us")  # fmt: skip
+    for target in cluster_targets(config):
         met = {True: "yes", False: "NO", None: "-"}[target["met"]]
         yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"

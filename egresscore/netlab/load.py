@@ -109,7 +109,10 @@ def connections(args: argparse.Namespace) -> dict[str, Any]:
             selector.unregister(sock)
             in_flight -= 1
             try:
-                done += 1 if sock.recv(1) == b"k" else 0
+                if sock.recv(1) == b"k":
+                    done += 1
+                else:
+                    failures += 1
             except OSError:
                 failures += 1
             sock.close()
@@ -194,8 +197,10 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
                 if args.protocol == "tcp":
                     sock.connect((args.host, args.port))
                 else:
-                    sock.sendto(f"latency {i}".encode(), (args.host, args.port))
-                    sock.recvfrom(2048)
+                    request = f"latency {i}".encode()
+                    sock.sendto(request, (args.host, args.port))
+                    if sock.recvfrom(2048)[0] != request:
+                        raise OSError("an answer that is not this request's echo")
                 samples.append((time.perf_counter() - started) * 1e6)
             except OSError:
                 failures += 1

@@ -166,8 +166,9 @@ def _serve_tcp_stream(args: argparse.Namespace, record: _Recorder, stop: threadi
                     selector.register(connection, selectors.EVENT_READ, peer)
                     received[connection], peers[connection] = 0, peer
                 continue
-            connection = key.fileobj
-            assert isinstance(connection, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            connection = ready
             try:
                 data = connection.recv(65536)
             except OSError:
