@@ -105,12 +105,16 @@ def status_path(state_dir: Path, queue: int, role: str = "gateway") -> Path:
     )
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file whole.
+    ``durable`` also waits for the disk (snapshots, records of what egresscore added);
+    a status file, rewritten every interval, does not need to survive a power cut."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
@@ -268,7 +272,8 @@ def gateway_worker_main(
     def write_status(state: str) -> None:
         write_atomically(
             status_path(spec.state_dir, spec.queue),
-            json.dumps(
+            durable=False,
+            data=json.dumps(
                 _status(
                     spec.queue,
                     state,
@@ -361,6 +366,7 @@ def node_worker_main(
         write_atomically(
             status_path(spec.state_dir, spec.queue, "node"),
             json.dumps(_status(spec.queue, state, datapath=datapath.counters())).encode(),
+            durable=False,
         )
 
     next_status = 0.0
