@@ -141,6 +141,9 @@ def run(role: str, config_file: str, log_format: str) -> None:
     except (EgressCoreError, OSError) as error:
         log.error("failed", error=str(error))
         failed = True
+    except Exception as error:  # a netlink error, a bug: logged, and the stop still runs
+        log.error("failed", error=f"{type(error).__name__}: {error}")
+        failed = True
     finally:
         agent.stop()
     if failed:

@@ -33,38 +33,56 @@ class Cluster:
     """A lab cluster, its policy files and its agents (gateway on gw-1, node on node-a
     and node-b; ``gateway_role="both"`` runs both roles on gw-1, which then hosts pg1)."""
 
-    def __init__(self, lab: Lab, *, gateway_role: str = "gateway", failure_mode: str = "closed") -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        gateway_role: str = "gateway",
+        failure_mode: str = "closed",
+        second_gateway: bool = False,
+        policy: str | None = None,
+    ) -> None:
         self.lab = lab
-        self.topology = ClusterTopology(lab, gateway_pod=gateway_role == "both")
+        self.topology = ClusterTopology(
+            lab, gateway_pod=gateway_role == "both", second_gateway=second_gateway
+        )
         self.work = lab.workdir
         self.gateway_role = gateway_role
         self.failure_mode = failure_mode
         self.files = ["inventory.yaml", "policy.yaml"]
         self.topology.write_inventory(self.work / "inventory.yaml")
         self.policy_path = self.work / "policy.yaml"
-        self.policy_path.write_text(cilium_policy())
+        self.policy_path.write_text(policy if policy is not None else cilium_policy())
         self.agents: dict[str, AgentRun] = {}
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- agents -------------------------------------------------------------------------
 
-    def config(self, node: str, extra: str = "") -> Path:
+    def config(self, node: str, extra: str = "", files: list[str] | None = None) -> Path:
         return self.topology.agent_config(
-            self.work / f"{node}.yaml", node, self.files, failure_mode=self.failure_mode, extra=extra
+            self.work / f"{node}.yaml", node, files or self.files, failure_mode=self.failure_mode, extra=extra
         )
 
-    def start(self, node: str, log_name: str | None = None, *, wait: bool = True) -> AgentRun:
+    def start(
+        self, node: str, log_name: str | None = None, *, wait: bool = True, files: list[str] | None = None
+    ) -> AgentRun:
         key = ClusterTopology.NODE_KEYS[node]
-        role = self.gateway_role if node == "gw-1" else "node"
+        role = {"gw-1": self.gateway_role, "gw-2": "gateway"}.get(node, "node")
         agent = AgentRun(
-            self.lab, self.topology.ns[key], self.config(node), role, log_name or f"{node}.log", wait=wait
+            self.lab,
+            self.topology.ns[key],
+            self.config(node, files=files),
+            role,
+            log_name or f"{node}.log",
+            wait=wait,
         )
         self.agents[node] = agent
         return agent
 
     def start_all(self) -> None:
-        for node in ("gw-1", "node-a", "node-b"):
-            self.start(node)
+        for node in ("gw-1", "gw-2", "node-a", "node-b"):
+            if node in self.topology.nodes:
+                self.start(node)
 
     def stop_all(self) -> None:
         for agent in self.agents.values():

@@ -305,20 +305,49 @@ def test_a_bad_policy_at_start_and_a_second_agent_change_nothing() -> None:
         assert site.host_state("node-a") == {"chains": [], "rules": [], "link": False}
 
 
+SECOND_EGRESS = ClusterTopology.SECOND_EGRESS_IP
+# gw-1's own payment pods send 203.0.113.0/26 through gw-2: a part of gw-1's own
+# destination, so that local pods' flows to gw-2 pass through gw-1's gateway rules first.
+TWO_GATEWAYS = (
+    cilium_policy()
+    + "---\n"
+    + cilium_policy(
+        "gw-1-pods-via-gw-2",
+        destinations=("203.0.113.0/26",),
+        excluded=(),
+        egress_ip=SECOND_EGRESS,
+        gateway_label="second-gateway",
+        on_node="gw-1",
+    )
+)
+
+
 def test_a_node_that_is_its_own_gateway_translates_its_pods_and_serves_the_others() -> None:
-    with cluster(gateway_role="both") as site:
+    with cluster(gateway_role="both", second_gateway=True, policy=TWO_GATEWAYS) as site:
         record = site.server("http", 8080)
-        # pg1 runs on gw-1 itself: its flows are translated there, without a tunnel.
-        assert site.fetch("pg1", EXTERNAL, record) == EGRESS
-        assert site.fetch("pg1", OTHER, record) == GATEWAY_NODE
+        second = ClusterTopology.SECOND_EXTERNAL_IP
+        # pg1 runs on gw-1 itself: its flows are translated there, without a tunnel...
+        assert site.fetch("pg1", second, record) == EGRESS
         assert site.fetch("pg1", ClusterTopology.EXCLUDED_IP, record) == GATEWAY_NODE
+        assert site.fetch("pg1", OTHER, record) == GATEWAY_NODE
+        # ...and those another gateway serves go through the tunnel to gw-2.
+        assert site.fetch("pg1", EXTERNAL, record) == SECOND_EGRESS
+        assert site.fetch("pa1", EXTERNAL, record) == EGRESS  # that policy selects gw-1's pods only
         # The other nodes' pods still come through the tunnel.
         assert site.fetch("pa1", EXTERNAL, record) == EGRESS
         assert site.fetch("pb2", EXTERNAL, record) == NODE_B
-        echo = site.server("udp-echo", 7201, bind=EXTERNAL)
-        result = site.load("pg1", "udp-echo", "--host", EXTERNAL, "--port", "7201", "--count", "10")
+        echo = site.server("udp-echo", 7201, bind=second)
+        result = site.load("pg1", "udp-echo", "--host", second, "--port", "7201", "--count", "10")
         assert result == {"sent": 10, "replies": 10}
         assert {r["peer"] for r in read_records(echo)} == {EGRESS}
+        remote_echo = site.server("udp-echo", 7202, bind=EXTERNAL)
+        result = site.load("pg1", "udp-echo", "--host", EXTERNAL, "--port", "7202", "--count", "10")
+        assert result == {"sent": 10, "replies": 10}
+        assert {r["peer"] for r in read_records(remote_echo)} == {SECOND_EGRESS}
+        # A bulk TCP transfer through the tunnel to gw-2: the tunnel's outer packets carry
+        # the marks of the packets inside, and the gateway role here must let them be.
+        result = site.load("pg1", "http", "--url", f"http://{EXTERNAL}:8080/bytes?n=5000000", "--count", "1")
+        assert result["ok"] == 1, result
 
 
 def test_the_status_command_reads_the_workers() -> None:
@@ -351,3 +380,47 @@ def test_a_retired_gateway_slot_is_freed_once_its_last_connection_is_gone() -> N
         assert site.host_state("node-a")["rules"] == []
         table = site.lab.run(site.ns("na"), "ip", "route", "show", "table", "2100", check=False)
         assert table.stdout.strip() == ""
+
+
+def test_a_flow_redirected_to_a_node_that_runs_no_gateway_is_dropped_there() -> None:
+    # node-b runs the node role only; a policy that names it as a gateway makes node-a
+    # tunnel pa1's flows to it. node-b must not forward them under its masquerade.
+    to_node_b = cilium_policy().replace(
+        'matchLabels: {egress-gateway: "true"}', "matchLabels: {kubernetes.io/hostname: node-b}"
+    )
+    with cluster(policy=to_node_b) as site:
+        record = site.server("http", 8080)
+        assert site.fetch("pa1", EXTERNAL, record, timeout=2) is None
+        assert read_records(record) == []
+        dropped = site.lab.run(
+            site.ns("nb"), "iptables", "-t", "mangle", "-L", "EGRESSCORE-NODE-FWD", "-v", "-x", "-n"
+        )
+        tunnel_drop = next(
+            line for line in dropped.stdout.splitlines() if "egc.vx" in line and "DROP" in line
+        )
+        assert int(tunnel_drop.split()[0]) > 0  # what node-a sent did arrive, and stopped here
+        assert site.fetch("pa2", EXTERNAL, record) == NODE_A  # the unselected pod is untouched
+
+
+def test_a_gateway_whose_policies_disagree_with_the_nodes_drops_what_it_cannot_translate() -> None:
+    with cluster() as site:
+        # gw-1 restarts with an inventory that does not list pa1 yet (its copy lags behind
+        # node-a's): node-a still tunnels pa1's flows to it, gw-1 would pass them.
+        inventory = (site.work / "inventory.yaml").read_text()
+        lagging = "\n".join(line for line in inventory.splitlines() if "payments-a," not in line) + "\n"
+        (site.work / "inventory-gw.yaml").write_text(lagging)
+        assert site.agents["gw-1"].stop() == 0
+        gateway = site.start("gw-1", "gw-1-lagging.log", files=["inventory-gw.yaml", "policy.yaml"])
+        record = site.server("http", 8080)
+        echo = site.server("udp-echo", 7203, bind=EXTERNAL)
+        # Neither a TCP nor a UDP flow of pa1 leaves: not untranslated, not masqueraded.
+        assert site.fetch("pa1", EXTERNAL, record, timeout=2) is None
+        result = site.load(
+            "pa1", "udp-echo", "--host", EXTERNAL, "--port", "7203", "--count", "3", "--timeout", "0.5"
+        )
+        assert result["replies"] == 0
+        assert read_records(record) == [] and read_records(echo) == []
+        time.sleep(0.4)
+        disagreements = sum(int(status["datapath"]["tunnel_disagreement"]) for status in gateway.status())
+        assert disagreements >= 2
+        assert site.fetch("pb1", EXTERNAL, record) == EGRESS  # the gateway knows pb1

@@ -5,6 +5,8 @@ established connections, and refusals that leave the host untouched
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -299,3 +301,32 @@ def test_a_tcp_flow_older_than_the_gateway_is_cut_not_left_masqueraded(
     assert seconds[0]["second"] <= 1
     assert max(r["second"] for r in seconds) <= 2 + elapsed, seconds
     assert agent.stop() == 0
+
+
+def test_workers_of_a_killed_agent_exit_and_free_its_lock(net: tuple[Lab, GatewayTopology]) -> None:
+    # SIGKILL of the agent alone (the OOM killer picks one process): its workers must not
+    # go on with stale policies, nor keep the namespace's lock from the next agent.
+    lab, topology = net
+    config = write_gateway_config(lab)
+    first = GatewayRun(lab, topology.gateway, config, "first.log")
+    main = first.process.pid
+    workers = [int(pid) for pid in Path(f"/proc/{main}/task/{main}/children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(main, signal.SIGKILL)
+    first.process.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    alive = [
+        pid
+        for pid in workers
+        if Path(f"/proc/{pid}/stat").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    ]
+    assert alive == [], "workers outlived their agent"
+    second = GatewayRun(lab, topology.gateway, config, "second.log")
+    sink, record = udp_sink(lab, topology, "after-kill")
+    send_udp(lab, topology)
+    time.sleep(0.5)
+    lab.stop(sink)
+    assert [(r["peer"], r["datagrams"]) for r in read_records(record)] == [(EGRESS, 50)]
+    assert second.stop() == 0

@@ -418,6 +418,13 @@ def check_role(config: AgentConfig, role: str) -> None:
                 source=config.source,
                 path="redirect.pod_interfaces",
             )
+    if role in ("gateway", "both") and config.tunnel is not None and config.tunnel.address is None:
+        raise ConfigError(
+            "a gateway's tunnel link needs an address: reverse-path filtering drops packets that arrive on a "
+            "link without one; expected an address with its prefix, like 169.254.236.1/32",
+            source=config.source,
+            path="tunnel.address",
+        )
     if role == "both":
         overlap = config.redirect.mark_mask & config.gateway.mark_bits()
         if overlap:

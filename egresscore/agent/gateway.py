@@ -31,7 +31,7 @@ from egresscore.agent import iptables
 from egresscore.agent.config import AgentConfig
 from egresscore.agent.iptables import GatewayRules, QueuePorts
 from egresscore.agent.log import EventLog
-from egresscore.agent.netlink import add_address, remove_address
+from egresscore.agent.netlink import add_address, has_address, remove_address
 from egresscore.agent.process import WorkerHandle, restart_dead
 from egresscore.agent.tunnel import TunnelSpec, ensure_tunnel, read_sysctl, remove_tunnel
 from egresscore.agent.worker import (
@@ -237,7 +237,14 @@ class GatewayRole:
             tunnel_interfaces=(tunnel.device,)
             if tunnel is not None and self.tunnel_index is not None
             else (),
+            node_marks=self._node_marks(),
         )
+
+    def _node_marks(self) -> tuple[int, int, int]:
+        redirect = self.config.redirect
+        if not self.with_node:
+            return (0, 0, 0)
+        return (redirect.mark_mask, redirect.pass_value(), redirect.redirect_flag())
 
     def _spec(self, queue: int, ports: tuple[int, int], plan: GatewayPlan) -> GatewayWorkerSpec:
         config, gateway = self.config, self.config.gateway
@@ -258,7 +265,8 @@ class GatewayRole:
             node=config.node,
             mark=gateway.mark,
             tcp_in_kernel=gateway.tcp_translation == "kernel",
-            node_ifindex=self.tunnel_index if self.with_node else None,
+            tunnel_ifindex=self.tunnel_index,
+            node_marks=self._node_marks(),
         )
 
     # -- start ------------------------------------------------------------------------
@@ -278,7 +286,7 @@ class GatewayRole:
         spec = tunnel_spec(config, compiler, with_address=True)
         if spec is not None:
             self.tunnel_index, _mtu = ensure_tunnel(spec)
-        self._ensure_workers(compiler, plan)
+        self._ensure_workers(compiler, plan, strict=True)
         # One transaction replaces whatever chains an earlier run left.
         iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
         # The egress IPs come after the rules, and go before them: a reply reaching a local
@@ -303,15 +311,27 @@ class GatewayRole:
             tunnel=None if spec is None else spec.device,
         )
 
-    def _ensure_workers(self, compiler: Compiler, plan: GatewayPlan) -> None:
+    def _ensure_workers(self, compiler: Compiler, plan: GatewayPlan, *, strict: bool) -> set[int]:
         """Start the workers once the policies give this node an egress IP (a SNAT table
-        needs one). Once started they stay, also when a reload takes every egress IP
-        away: their tables keep the flows in progress."""
+        needs one); returns the queues started. Once started they stay, also when a
+        reload takes every egress IP away: their tables keep the flows in progress. With
+        ``strict`` (the start) a worker that cannot start is an error; in a reload it is
+        left to supervise(), which retries."""
         if self.workers or not plan.egress_ips:
-            return
+            return set()
         gateway = self.config.gateway
+        started = set()
         for k, ports in enumerate(split_ports(*gateway.port_range, gateway.queue_count)):
-            self._start_worker(self._spec(gateway.first_queue + k, ports, plan), compiler)
+            spec = self._spec(gateway.first_queue + k, ports, plan)
+            try:
+                self._start_worker(spec, compiler)
+            except EgressCoreError as error:
+                if strict:
+                    raise
+                self.log.error("worker_start_failed", queue=spec.queue, error=str(error))
+            else:
+                started.add(spec.queue)
+        return started
 
     def _start_worker(self, spec: GatewayWorkerSpec, compiler: Compiler) -> None:
         handle = WorkerHandle(f"egresscore-gateway-queue-{spec.queue}", gateway_worker_main, spec, self.log)
@@ -327,8 +347,15 @@ class GatewayRole:
         if not gateway.assign_egress_ips or gateway.interface is None:
             return
         for ip in ips:
-            if add_address(gateway.interface, ip):
-                self.owned_addresses.append((gateway.interface, str(ip)))
+            owned = (gateway.interface, str(ip))
+            if owned in self.owned_addresses or has_address(gateway.interface, ip):
+                continue  # ours from before, or someone else's (then it stays theirs)
+            # Recorded before it is added: a crash in between leaves an address that the
+            # next run or a cleanup still knows to be egresscore's.
+            self.owned_addresses.append(owned)
+            self._record()
+            if not add_address(gateway.interface, ip):
+                self.owned_addresses.remove(owned)  # added by someone else meanwhile
                 self._record()
 
     def _remove_addresses_except(self, keep: tuple[ipaddress.IPv4Address, ...]) -> list[str]:
@@ -358,11 +385,13 @@ class GatewayRole:
         old = self.plan
         assert old is not None
         problems: list[str] = []
+        # Workers first (the policies may name this node a gateway for the first time):
+        # the rules below queue to them, and the egress IPs need the rules.
+        fresh = self._ensure_workers(compiler, plan, strict=False)
         union = self.rules_for(
             _by_address(set(old.egress_ips) | set(plan.egress_ips)),
             _by_network(set(old.destinations) | set(plan.destinations)),
         )
-        self._ensure_workers(compiler, plan)
         iptables.apply(union)
         self._add_addresses(plan.egress_ips)
         parameters = {
@@ -376,6 +405,8 @@ class GatewayRole:
                 # A restart must still build a table: it keeps the addresses it had.
                 spec = replace(spec, egress_ips=handle.spec.egress_ips)
             handle.spec = spec
+            if queue in fresh:
+                continue  # forked with this generation already
             problem = handle.reload(generation, texts, parameters)
             if problem is not None:
                 # A worker that could not take the new policies is stopped (it saves its
@@ -383,15 +414,20 @@ class GatewayRole:
                 problems.append(problem)
                 self.log.error("worker_reload_failed", queue=queue, error=problem)
                 handle.stop()
-        iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
+        # Addresses go before the rules that answer for them: a reply reaching a local egress
+        # IP without its rule would reach the host's own stack.
         self._remove_addresses_except(plan.egress_ips)
+        iptables.apply(self.rules_for(plan.egress_ips, plan.destinations))
         return problems
 
     # -- run --------------------------------------------------------------------------
 
     def supervise(self, compiler: Compiler) -> None:
         """Start again a worker that died (its queue drops packets meanwhile)."""
-        restart_dead(self.workers, compiler.classifier, self.log)
+        # The classifier of the generation the workers' specs were made for: a reload that
+        # failed half-way has set them, not the agent's compiler.
+        current = self.plan.compiler if self.plan is not None else compiler
+        restart_dead(self.workers, current.classifier, self.log)
 
     def status(self) -> dict[str, Any]:
         """The workers' last status files, by queue."""
@@ -436,17 +472,30 @@ class GatewayRole:
 def cleanup_gateway(config: AgentConfig, log: EventLog) -> list[str]:
     """Remove everything a gateway left on this host (its recorded addresses, its
     chains, its tunnel link); returns what was removed."""
-    removed = []
+    removed: list[str] = []
+    failed = False
     path = config.state_dir / OWNED_FILE
     record = read_record(path, log)
-    for interface, address in record.get("addresses", []):
-        if remove_address(interface, ipaddress.ip_address(address)):
-            removed.append(f"address {address} on {interface}")
-    if iptables.remove():
-        removed.append(f"iptables chains {iptables.CHAIN_PREFIX}*")
-    if config.tunnel is not None and remove_tunnel(config.tunnel.device):
-        removed.append(f"link {config.tunnel.device}")
-    path.unlink(missing_ok=True)
+    steps: list[tuple[str, Any]] = [
+        (
+            f"address {address} on {interface}",
+            lambda i=interface, a=address: remove_address(i, ipaddress.ip_address(a)),
+        )
+        for interface, address in record.get("addresses", [])
+    ]
+    steps.append((f"iptables chains {iptables.CHAIN_PREFIX}*", iptables.remove))
+    if config.tunnel is not None:
+        steps.append((f"link {config.tunnel.device}", lambda d=config.tunnel.device: remove_tunnel(d)))
+    # Every step is tried, whatever the one before did.
+    for what, step in steps:
+        try:
+            if step():
+                removed.append(what)
+        except (EgressCoreError, ValueError) as error:
+            failed = True
+            log.error("remove_failed", what=what, error=str(error))
+    if not failed:
+        path.unlink(missing_ok=True)
     for snapshot in config.state_dir.glob("snat-queue-*.snapshot"):
         snapshot.unlink(missing_ok=True)
         removed.append(f"snapshot {snapshot.name}")

@@ -64,6 +64,8 @@ class GatewayRules:
     bypass: bool = False
     # The tunnel: what arrives on it for no destination of this gateway is dropped.
     tunnel_interfaces: tuple[str, ...] = ()
+    # Role both: the node role's mark mask, pass value and redirect flag (0: no node role).
+    node_marks: tuple[int, int, int] = (0, 0, 0)
 
     def marks(self) -> tuple[int, int, int]:
         """The three mark bits: queued to a worker after routing; a TCP packet to a
@@ -173,7 +175,13 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
         raw.append(f"-A {select} -s {ip}/32 -j RETURN")
     raw.append(f"-A {select} -j MARK --set-xmark {queued}")
     raw.append(f"-A {select} -j CT --notrack")
-    mangle = [f":{post} - [0:0]", f"-A {post} -m mark --mark {queued} -j {_queue_target(rules)}"]
+    # What the host sends itself is not a pod's (in role both the tunnel's outer packets
+    # inherit the marks of the pods' packets they carry).
+    mangle = [
+        f":{post} - [0:0]",
+        f"-A {post} -m addrtype --src-type LOCAL -j RETURN",
+        f"-A {post} -m mark --mark {queued} -j {_queue_target(rules)}",
+    ]
     if rules.tunnel_interfaces:
         mangle = guard + mangle
     tables = {"raw": raw, "mangle": mangle}
@@ -192,8 +200,21 @@ def render(rules: GatewayRules) -> dict[str, list[str]]:
         # connmark; an entry conntrack made itself, NATed by the CNI's masquerade, does
         # not) nor passed by the policy is dropped, never sent on as it is: its entry
         # expired, the flow is older than the gateway, or the kernel refused the create.
-        neither = f"0x0/0x{bits[0] | bits[2]:x}"
-        mangle.append(f"-A {post} -m mark --mark {tcp_selected} -m connmark --mark {neither} -j DROP")
+        node_mask, node_pass, node_flag = rules.node_marks
+        if node_mask:
+            # Role both: a local pod's flow the policy passes or redirects goes by the node
+            # role's decision (saved as its connmark in FORWARD): its pass value, or its
+            # redirect flag. Otherwise only a worker's entry lets it through.
+            guard_chain = CHAIN_PREFIX + "GUARD"
+            mangle.insert(1, f":{guard_chain} - [0:0]")
+            mangle.append(f"-A {post} -m mark --mark {tcp_selected} -g {guard_chain}")
+            mangle.append(f"-A {guard_chain} -m connmark --mark {queued} -j RETURN")
+            mangle.append(f"-A {guard_chain} -m connmark --mark 0x{node_pass:x}/0x{node_mask:x} -j RETURN")
+            mangle.append(f"-A {guard_chain} -m connmark --mark 0x{node_flag:x}/0x{node_flag:x} -j RETURN")
+            mangle.append(f"-A {guard_chain} -j DROP")
+        else:
+            neither = f"0x0/0x{bits[0] | bits[2]:x}"
+            mangle.append(f"-A {post} -m mark --mark {tcp_selected} -m connmark --mark {neither} -j DROP")
         # The kernel's NAT hooks exist in a network namespace only while it has a nat
         # table chain; the entries the workers create need them. The chain holds nothing.
         tables["nat"] = [f":{nat} - [0:0]"]
@@ -229,6 +250,8 @@ class NodeRules:
     mss: int | None = None
     # failure_mode open: with no worker listening the kernel accepts the packet undecided.
     bypass: bool = False
+    # Without a gateway role here: the tunnel, whose packets no one on this host translates.
+    tunnel_interface: str | None = None
 
 
 def render_node(rules: NodeRules, family: int = 4) -> dict[str, list[str]]:
@@ -252,6 +275,11 @@ def render_node(rules: NodeRules, family: int = 4) -> dict[str, list[str]]:
     for network in rules.destinations:
         if network.version == family:
             mangle.append(f"-A {pod} -d {network} -j {target}")
+    if rules.tunnel_interface is not None:
+        # A node that runs no gateway has nothing to do with a packet the tunnel brings (a
+        # node whose policies take this host for a gateway): forwarded, it would leave
+        # untranslated.
+        mangle.append(f"-A {fwd} -i {rules.tunnel_interface} -j DROP")
     # The verdict's mark is saved on the connection here, in a hook after the queue's: an
     # accept verdict ends the traversal of the chain that queued the packet.
     mangle.append(

@@ -15,18 +15,17 @@ __all__ = ["add_address", "has_address", "interface_index", "remove_address"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def interface_index(ipr: Any, interface: str) -> int:
+def interface_index(ipr: Any, interface: str, field: str = "") -> int:
     found = ipr.link_lookup(ifname=interface)
     if not found:
-        raise KernelError(
-            19, f"interface {interface!r} does not exist on this host (check gateway.interface)"
-        )
+        hint = f" (check {field})" if field else ""
+        raise KernelError(19, f"interface {interface!r} does not exist on this host{hint}")
     return int(found[0])
 
 
 def has_address(interface: str, address: IPAddress) -> bool:
     with IPRoute() as ipr:
-        index = interface_index(ipr, interface)
+        index = interface_index(ipr, interface, "gateway.interface")
         family = 2 if address.version == 4 else 10
         for item in ipr.get_addr(family=family, index=index):
             if item.get_attr("IFA_ADDRESS") == str(address):
@@ -42,7 +41,12 @@ def add_address(interface: str, address: IPAddress) -> bool:
     prefix = 32 if address.version == 4 else 128
     with IPRoute() as ipr:
         try:
-            ipr.addr("add", index=interface_index(ipr, interface), address=str(address), prefixlen=prefix)
+            ipr.addr(
+                "add",
+                index=interface_index(ipr, interface, "gateway.interface"),
+                address=str(address),
+                prefixlen=prefix,
+            )
         except NetlinkError as error:
             if error.code == 17:  # EEXIST: added meanwhile by someone else
                 return False

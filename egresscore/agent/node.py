@@ -34,8 +34,10 @@ from egresscore.agent.tunnel import (
     SlotRoute,
     ensure_tunnel,
     installed_slots,
+    remove_guard_rules,
     remove_slot,
     remove_tunnel,
+    set_guard_rules,
     set_peers,
     set_slot,
 )
@@ -180,18 +182,23 @@ class NodeRole:
                 continue
             self.slots[free] = self._route(free, endpoint)
             by_endpoint[endpoint] = free
+        return missing
+
+    def _retire_unused(self, plan: NodePlan) -> None:
+        """Slots no endpoint of ``plan`` uses are retired (called once every worker decides
+        with ``plan``, so that no new flow gets a retired slot's mark)."""
         wanted = {e for e in plan.endpoints if e is not None}
         for slot, route in self.slots.items():
             if route.endpoint not in wanted and slot not in self.retired:
                 self.retired.add(slot)
                 self.log.info("slot_retired", slot=slot, endpoint=str(route.endpoint))
-        return missing
 
     def gateway_marks(self, plan: NodePlan) -> list[int | None]:
         by_endpoint = {route.endpoint: route.mark for route in self.slots.values()}
         return [None if e is None else by_endpoint.get(e) for e in plan.endpoints]
 
     def _program_slots(self) -> None:
+        set_guard_rules(self.redirect.rule_priority, self.redirect.redirect_flag())
         device = self.tunnel_device()
         set_peers(device, {route.endpoint for route in self.slots.values()})
         for route in self.slots.values():
@@ -212,6 +219,7 @@ class NodeRole:
             redirect_flag=redirect.redirect_flag(),
             mss=self.mtu - 40 if redirect.mss_clamp else None,
             bypass=not self.config.fail_closed,
+            tunnel_interface=None if self.with_gateway else self.tunnel_device(),
         )
 
     def _apply_rules(self, destinations: tuple[IPNetwork, ...]) -> None:
@@ -263,6 +271,7 @@ class NodeRole:
         )
         adopted = sorted(self.slots)
         missing = self._assign_slots(plan)
+        self._retire_unused(plan)
         self._program_slots()
         for k in range(redirect.queue_count):
             self._start_worker(self._spec(redirect.first_queue + k, plan), compiler)
@@ -282,6 +291,15 @@ class NodeRole:
         )
 
     def _warn_about(self, plan: NodePlan, missing: list[ipaddress.IPv4Address]) -> None:
+        tunnel = self.config.tunnel
+        known = {node.name for node in plan.compiler.inventory.nodes}
+        unknown = sorted(set(tunnel.endpoints) - known) if tunnel is not None else []
+        if unknown:
+            self.log.warning(
+                "unknown_endpoint_nodes",
+                nodes=unknown,
+                detail="tunnel.endpoints names nodes the inventory does not list (a typo?)",
+            )
         if plan.unreachable:
             self.log.warning(
                 "gateways_unreachable",
@@ -331,6 +349,7 @@ class NodeRole:
                 problems.append(problem)
                 self.log.error("worker_reload_failed", queue=queue, error=problem)
                 handle.stop()
+        self._retire_unused(plan)
         self._apply_rules(plan.destinations)
         self._warn_about(plan, missing)
         return problems
@@ -338,7 +357,10 @@ class NodeRole:
     # -- run --------------------------------------------------------------------------
 
     def supervise(self, compiler: Compiler) -> None:
-        restart_dead(self.workers, compiler.classifier, self.log)
+        # The classifier of the generation the workers' specs were made for: a reload that
+        # failed half-way has set them, not the agent's compiler.
+        current = self.plan.compiler if self.plan is not None else compiler
+        restart_dead(self.workers, current.classifier, self.log)
         now = time.monotonic()
         if self.retired and now >= self.next_retire_check:
             self.next_retire_check = now + RETIRE_CHECK_INTERVAL
@@ -352,7 +374,7 @@ class NodeRole:
             try:
                 with NFCTSocket() as conntrack:
                     live = sum(1 for _ in conntrack.dump(mark=route.mark, mark_mask=route.mask))
-            except OSError as error:
+            except Exception as error:  # a failed check keeps the slot: tried again later
                 self.log.warning("slot_check_failed", slot=slot, error=str(error))
                 continue
             if live:
@@ -430,6 +452,15 @@ def remove_node_state(config: AgentConfig, settings: dict[str, Any]) -> tuple[li
             remove_slot(route)
             removed.append(f"slot {slot}: rule and table {route.table} (to {route.endpoint})")
     except EgressCoreError as error:
+        problems.append(str(error))
+    try:
+        mask = int(settings["mark_mask"])
+        flag = 1 << ((mask & -mask).bit_length() - 1 + mask.bit_count() - 1)
+        if remove_guard_rules(int(settings["rule_priority"]), flag):
+            removed.append(
+                f"the rules at priorities {settings['rule_priority'] + 1} and {settings['rule_priority'] + 2}"
+            )
+    except (EgressCoreError, KeyError, TypeError, ValueError) as error:
         problems.append(str(error))
     if settings.get("device"):
         try:

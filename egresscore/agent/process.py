@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -18,6 +21,31 @@ from egresscore.errors import EgressCoreError
 __all__ = ["WorkerHandle", "restart_dead"]
 
 _CONTEXT = multiprocessing.get_context("fork")
+# Sockets a worker must not inherit (the agent's per-namespace locks: a worker that kept
+# one alive would refuse the next agent after the first one was killed).
+CLOSE_IN_WORKERS: list[socket.socket] = []
+PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
+
+
+def _worker_entry(
+    target: Callable[[Any, Classifier, Connection, EventLog], None],
+    parent: int,
+    spec: Any,
+    classifier: Classifier,
+    control: Connection,
+    log: EventLog,
+) -> None:
+    for inherited in CLOSE_IN_WORKERS:
+        inherited.close()
+    # SIGTERM when the agent dies, however it dies: the worker then drains and exits like
+    # on a stop (a worker without its agent would go on with stale policies forever).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        raise SystemExit(1)  # the agent died before the request took effect
+    target(spec, classifier, control, log)
+
+
 READY_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 60.0
 
@@ -49,7 +77,10 @@ class WorkerHandle:
     def start(self, classifier: Classifier) -> None:
         parent, child = _CONTEXT.Pipe(duplex=True)
         process = _CONTEXT.Process(
-            target=self.target, args=(self.spec, classifier, child, self.log), name=self.name, daemon=False
+            target=_worker_entry,
+            args=(self.target, os.getpid(), self.spec, classifier, child, self.log),
+            name=self.name,
+            daemon=False,
         )
         process.start()
         child.close()
@@ -109,7 +140,8 @@ class WorkerHandle:
 
     def signal_stop(self) -> None:
         if self.process is not None and self.process.is_alive() and self.process.pid is not None:
-            os.kill(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it died meanwhile
+                os.kill(self.process.pid, signal.SIGTERM)
 
     def join(self, timeout: float = 15) -> None:
         if self.process is None:

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from egresscore.agent.config import AgentConfig, check_role
 from egresscore.agent.gateway import GatewayRole, cleanup_gateway
 from egresscore.agent.log import EventLog
 from egresscore.agent.node import NodeRole, cleanup_node
+from egresscore.agent.process import CLOSE_IN_WORKERS
 from egresscore.errors import EgressCoreError, PolicyError, PolicyErrorGroup
 from egresscore.policy.compiler import Compiler
 from egresscore.policy.loader import load_texts
@@ -98,10 +101,13 @@ class Locks:
                     f"(the abstract socket @{name} is taken)"
                 ) from None
             self.sockets.append(lock)
+            CLOSE_IN_WORKERS.append(lock)
 
     def release(self) -> None:
         for lock in self.sockets:
             lock.close()
+            if lock in CLOSE_IN_WORKERS:
+                CLOSE_IN_WORKERS.remove(lock)
         self.sockets.clear()
 
 
@@ -196,7 +202,7 @@ class Agent:
         try:
             for role, plan in zip(self.roles, plans, strict=True):
                 problems.extend(role.reload(compiler, plan, generation, texts))
-        except EgressCoreError as error:
+        except (EgressCoreError, OSError, NetlinkError) as error:
             # The host refused a change (iptables, netlink): retried at the next check.
             self.log.error("reload_failed", generation=self.generation, errors=[str(error)])
             return False
@@ -221,8 +227,8 @@ class Agent:
         for role in reversed(self.roles):
             try:
                 role.stop(keep)
-            except EgressCoreError as error:
-                self.log.error("stop_failed", role=role.name, error=str(error))
+            except Exception as error:  # stop must go on to the next role
+                self.log.error("stop_failed", role=role.name, error=f"{type(error).__name__}: {error}")
         self.locks.release()
 
     def status(self) -> dict[str, Any]:
@@ -231,10 +237,11 @@ class Agent:
 
 def cleanup(config: AgentConfig, role: str, log: EventLog) -> list[str]:
     """Remove what the agent's roles left on this host (``egresscore cleanup``);
-    refuses while an agent of those roles runs. Returns what was removed."""
+    refuses while any agent runs in this network namespace (a node and a gateway share
+    the tunnel link). Returns what was removed."""
     parts = ROLE_PARTS[role]
     locks = Locks()
-    locks.take(parts)
+    locks.take(ROLE_PARTS["both"])
     try:
         removed = []
         if "node" in parts:

@@ -15,6 +15,13 @@ Per gateway the node has a routing table and an ``ip rule``:
   lookup on to the main table, which routes the underlay (without it the outer packet
   would be routed into the tunnel itself and dropped as a loop).
 
+Below the slots' rules two more catch what carries the redirect flag but found no slot
+table (a table removed under a live flow, a slot renumbered): at ``rule_priority + 1``
+``fwmark FLAG/FLAG iif lo lookup main`` lets the tunnel's own outer packets (sent by the
+host, ``iif lo``) through after their slot table threw them on, and at
+``rule_priority + 2`` ``fwmark FLAG/FLAG blackhole`` drops a pod's packet that would
+otherwise leave by the main table untranslated.
+
 The link carries the alias ``egresscore``: a link of that name without it is not
 egresscore's, and is never changed or removed.
 """
@@ -40,8 +47,10 @@ __all__ = [
     "TunnelSpec",
     "ensure_tunnel",
     "installed_slots",
+    "remove_guard_rules",
     "remove_slot",
     "remove_tunnel",
+    "set_guard_rules",
     "set_peers",
     "set_slot",
     "tunnel_state",
@@ -141,7 +150,7 @@ def ensure_tunnel(spec: TunnelSpec) -> tuple[int, int]:
     with other settings (a changed configuration) is made anew."""
     state = tunnel_state(spec.device)
     with IPRoute() as ipr:
-        underlay = interface_index(ipr, spec.underlay_interface)
+        underlay = interface_index(ipr, spec.underlay_interface, "tunnel.underlay_interface")
         if state is not None and not state["ours"]:
             raise KernelError(
                 EEXIST,
@@ -298,6 +307,52 @@ def set_slot(route: SlotRoute, device: str) -> None:
             except NetlinkError as error:
                 if error.code != EEXIST:
                     raise _error(error, f"cannot add the rule for mark 0x{route.mark:x}") from error
+
+
+FR_ACT_BLACKHOLE = "FR_ACT_BLACKHOLE"  # include/uapi/linux/fib_rules.h
+MAIN_TABLE = 254  # RT_TABLE_MAIN
+
+
+def _guard_rules(priority: int, flag: int) -> list[dict[str, Any]]:
+    return [
+        {"fwmark": flag, "fwmask": flag, "iifname": "lo", "table": MAIN_TABLE, "priority": priority + 1},
+        {"fwmark": flag, "fwmask": flag, "action": FR_ACT_BLACKHOLE, "priority": priority + 2},
+    ]
+
+
+def set_guard_rules(priority: int, flag: int) -> None:
+    """The two rules under the slots' (see the module's docstring), once each."""
+    with IPRoute() as ipr:
+        present = {
+            (rule.get_attr("FRA_PRIORITY"), rule.get_attr("FRA_FWMARK"), rule.get_attr("FRA_FWMASK"))
+            for rule in ipr.get_rules(family=AF_INET)
+        }
+        for rule in _guard_rules(priority, flag):
+            if (rule["priority"], flag, flag) in present:
+                continue
+            try:
+                ipr.rule("add", **rule)
+            except NetlinkError as error:
+                if error.code != EEXIST:
+                    raise _error(error, f"cannot add the rule at priority {rule['priority']}") from error
+
+
+def remove_guard_rules(priority: int, flag: int) -> bool:
+    """Delete the two guard rules; whether there was any."""
+    removed = False
+    with IPRoute() as ipr:
+        for rule in ipr.get_rules(family=AF_INET):
+            if (
+                rule.get_attr("FRA_PRIORITY") in (priority + 1, priority + 2)
+                and rule.get_attr("FRA_FWMARK") == flag
+                and rule.get_attr("FRA_FWMASK") == flag
+            ):
+                with contextlib.suppress(NetlinkError):
+                    ipr.rule("del", priority=rule.get_attr("FRA_PRIORITY"), fwmark=flag, fwmask=flag,
+                             **({"table": MAIN_TABLE, "iifname": "lo"} if rule["action"] != 6 else
+                                {"action": FR_ACT_BLACKHOLE}))  # fmt: skip
+                    removed = True
+    return removed
 
 
 def remove_slot(route: SlotRoute) -> None:

@@ -71,8 +71,10 @@ class GatewayWorkerSpec:
     node: str = ""
     mark: int = 0x00400000
     tcp_in_kernel: bool = False
-    # Role both: the tunnel's interface index (REDIRECTs arriving elsewhere are local pods').
-    node_ifindex: int | None = None
+    # The tunnel's interface index: what arrives on it must be this gateway's to translate.
+    tunnel_ifindex: int | None = None
+    # Role both: the node role's mark bits, its pass value and its redirect flag.
+    node_marks: tuple[int, int, int] = (0, 0, 0)
 
 
 # The name the gateway role used before the node role came.
@@ -157,6 +159,8 @@ class _Control:
     def __init__(self, connection: Connection, log: EventLog) -> None:
         self.connection = connection
         self.log = log
+        # The agent's end closed: it is gone, and this worker stops.
+        self.gone = False
 
     def send(self, *message: Any) -> None:
         # The agent may be gone: SIGTERM or the parent's death stops this worker then.
@@ -169,6 +173,7 @@ class _Control:
                 return
             message = self.connection.recv()
         except (EOFError, OSError):
+            self.gone = True
             return
         if not message or message[0] != "policy":
             return
@@ -237,7 +242,10 @@ def gateway_worker_main(
             spec.egress_of_gateway,
             kernel=kernel,
             pass_mark=spec.mark << 2,
-            node_ifindex=spec.node_ifindex,
+            tunnel_ifindex=spec.tunnel_ifindex,
+            node_mask=spec.node_marks[0],
+            node_pass=spec.node_marks[1],
+            node_flag=spec.node_marks[2],
         )
     except (EgressCoreError, OSError, ValueError) as error:
         channel.send("error", f"queue {spec.queue}: {error}")
@@ -288,7 +296,7 @@ def gateway_worker_main(
     next_status = 0.0
     next_resync = time.monotonic() + RESYNC_INTERVAL
     try:
-        while not stopping():
+        while not stopping() and not channel.gone:
             datapath.process(SLICE)
             datapath.follow_kernel()
             channel.poll(apply_policy)
@@ -371,7 +379,7 @@ def node_worker_main(
 
     next_status = 0.0
     try:
-        while not stopping():
+        while not stopping() and not channel.gone:
             datapath.process(SLICE)
             channel.poll(apply_policy)
             now = time.monotonic()

@@ -26,7 +26,9 @@ cdef enum:
     O_TCP_HANDOVER_FAILED = 14
     O_TCP_RELEASED = 15
     O_LOCAL_REDIRECT = 16
-    OUTCOME_COUNT = 17
+    O_TUNNEL_DISAGREEMENT = 17
+    O_NODE_DISAGREEMENT = 18
+    OUTCOME_COUNT = 19
 
 
 cdef class GatewayDatapath:
@@ -36,8 +38,12 @@ cdef class GatewayDatapath:
     cdef readonly KernelConntrack kernel
     cdef bint kernel_on
     cdef uint32_t pass_mark
-    cdef bint node_decides
+    cdef bint tunnel_on
     cdef uint32_t tunnel_ifindex
+    cdef bint node_decides
+    cdef uint32_t node_mask
+    cdef uint32_t node_pass
+    cdef uint32_t node_flag
     cdef uint16_t *egress_of_gateway
     cdef Py_ssize_t gateway_count
     cdef bint set_mark

@@ -27,7 +27,10 @@ class GatewayDatapath:
         mark: int | None = None,
         kernel: KernelConntrack | None = None,
         pass_mark: int = 0,
-        node_ifindex: int | None = None,
+        tunnel_ifindex: int | None = None,
+        node_mask: int = 0,
+        node_pass: int = 0,
+        node_flag: int = 0,
     ) -> None: ...
     def set_policy(
         self, classifier: Classifier, egress_of_gateway: Iterable[int | None], table: SnatTable | None = None

@@ -57,6 +57,8 @@ OUTCOME_NAMES = (
     "tcp_handover_failed",
     "tcp_released",
     "local_pod_redirected",
+    "tunnel_disagreement",
+    "node_disagreement",
 )
 
 cdef enum:
@@ -101,24 +103,38 @@ cdef class GatewayDatapath:
     the kernel's conntrack with that source NAT; the kernel translates the rest. A TCP
     first packet the policy passes is accepted with ``pass_mark`` set.
 
-    With ``node_ifindex`` (role ``both``: the node role runs beside the gateway and
-    routes this host's own pods), a REDIRECT decision for a packet that did not arrive
-    on that interface (the tunnel) is a local pod's flow to another gateway: accepted
-    (TCP first packets with ``pass_mark``) for the node role to route, instead of being
-    dropped as a disagreement between a node and this gateway.
+    ``tunnel_ifindex``: the tunnel's interface index. A packet that arrived through it
+    was sent here by a node whose policies chose this gateway; unless this gateway's
+    classifier translates it too (SNAT), the two disagree (a policy file one of them has
+    not reloaded yet) and the packet is dropped: passed, it could only leave
+    untranslated (``tunnel_disagreement``).
+
+    ``node_mask``, ``node_pass`` and ``node_flag`` (role ``both``: the node role runs beside
+    the gateway and decides this host's own pods' flows, with those mark bits): a local
+    pod's TCP first packet that the classifier passes or redirects is accepted without
+    ``pass_mark``, the node's decision and the rules' guard deciding; a local pod's
+    packet queued after routing carries the node's decision in its mark, and one whose
+    decision differs from the classifier's (the two roles' workers change policy
+    generations at different moments) is dropped (``node_disagreement``).
     """
 
     def __cinit__(self):
         self.egress_of_gateway = NULL
 
     def __init__(self, NfQueue queue not None, SnatTable table not None, Classifier classifier not None,
-                 egress_of_gateway, *, mark=None, KernelConntrack kernel=None, pass_mark=0, node_ifindex=None):
+                 egress_of_gateway, *, mark=None, KernelConntrack kernel=None, pass_mark=0, tunnel_ifindex=None,
+                 node_mask=0, node_pass=0, node_flag=0):
         if mark is not None and not 0 <= mark <= 0xFFFFFFFF:
             raise ValueError(f"mark {mark}: expected a 32-bit unsigned value")
         if not 0 <= pass_mark <= 0xFFFFFFFF:
             raise ValueError(f"pass_mark {pass_mark}: expected a 32-bit unsigned value")
-        if node_ifindex is not None and not 0 < node_ifindex <= 0xFFFFFFFF:
-            raise ValueError(f"node_ifindex {node_ifindex!r}: expected None or an interface index")
+        if tunnel_ifindex is not None and not 0 < tunnel_ifindex <= 0xFFFFFFFF:
+            raise ValueError(f"tunnel_ifindex {tunnel_ifindex!r}: expected None or an interface index")
+        for name, value in (("node_mask", node_mask), ("node_pass", node_pass), ("node_flag", node_flag)):
+            if not 0 <= value <= 0xFFFFFFFF or value & ~node_mask:
+                raise ValueError(f"{name} {value!r}: expected a 32-bit value inside node_mask")
+        if node_mask and (not node_pass or not node_flag):
+            raise ValueError("node_mask needs node_pass and node_flag")
         self.queue = queue
         self.set_policy(classifier, egress_of_gateway, table)
         self.set_mark = mark is not None
@@ -126,8 +142,12 @@ cdef class GatewayDatapath:
         self.kernel = kernel
         self.kernel_on = kernel is not None
         self.pass_mark = pass_mark
-        self.node_decides = node_ifindex is not None
-        self.tunnel_ifindex = node_ifindex or 0
+        self.tunnel_on = tunnel_ifindex is not None
+        self.tunnel_ifindex = tunnel_ifindex or 0
+        self.node_decides = node_mask != 0
+        self.node_mask = node_mask
+        self.node_pass = node_pass
+        self.node_flag = node_flag
 
     def set_policy(self, Classifier classifier not None, egress_of_gateway, SnatTable table=None):
         """Classify with ``classifier`` from the next batch on (a policy reload), with its
@@ -194,11 +214,19 @@ cdef class GatewayDatapath:
         cdef int error
         cdef uint64_t created
         cdef FlowKey key
-        if action == A_PASS or (action == A_REDIRECT and self.node_decides and p.indev != self.tunnel_ifindex):
-            # Accepted with the pass mark: the rules save it on the connection, so that the
-            # kernel's later packets of this flow are known not to need a translation. A
-            # local pod's flow to another gateway is the node role's to route.
+        if action != A_SNAT and self.tunnel_on and p.indev == self.tunnel_ifindex:
+            self.outcomes[O_TUNNEL_DISAGREEMENT] += 1
+            self.queue.verdict_packet(index, NF_DROP, False, 0, False)
+            return
+        if self.node_decides and (action == A_PASS or action == A_REDIRECT):
+            # A local pod's flow: the node role's decision, saved on the connection, and the
+            # guard rule say whether it may go (no pass mark: the node may disagree).
             self.outcomes[O_TCP_PASSED if action == A_PASS else O_LOCAL_REDIRECT] += 1
+            return
+        if action == A_PASS:
+            # Accepted with the pass mark: the rules save it on the connection, so that the
+            # kernel's later packets of this flow are known not to need a translation.
+            self.outcomes[O_TCP_PASSED] += 1
             self.queue.verdict_packet(index, NF_ACCEPT, True, self.pass_mark, False)
             return
         gateway = (code >> 8) - 1
@@ -270,7 +298,7 @@ cdef class GatewayDatapath:
         cdef uint32_t offsets[2]
         cdef uint8_t partial, result, version
         cdef uint16_t egress, zero = 0
-        cdef uint32_t action, gateway
+        cdef uint32_t action, gateway, node
         cdef double now, started
         cdef Py_ssize_t j
         if n <= 0:
@@ -343,12 +371,26 @@ cdef class GatewayDatapath:
                     self.outcomes[O_NOT_IP] += 1
                     continue
                 action = code[i] & 0xF
+                if action != A_SNAT and self.tunnel_on and p.indev == self.tunnel_ifindex:
+                    self.outcomes[O_TUNNEL_DISAGREEMENT] += 1
+                    self.queue.verdict_packet(<uint32_t>i, NF_DROP, False, 0, False)
+                    continue
+                if self.node_decides and not (self.tunnel_on and p.indev == self.tunnel_ifindex):
+                    # A local pod's packet, after the node role's decision (in its mark):
+                    # both must agree, or it goes nowhere.
+                    node = p.mark & self.node_mask
+                    if ((action == A_PASS and node != self.node_pass)
+                            or (action == A_REDIRECT and not node & self.node_flag)
+                            or (action == A_SNAT and node & self.node_flag)):
+                        self.outcomes[O_NODE_DISAGREEMENT] += 1
+                        self.queue.verdict_packet(<uint32_t>i, NF_DROP, False, 0, False)
+                        continue
+                    if action == A_REDIRECT:
+                        # A local pod's flow that the node role routes to another gateway.
+                        self.outcomes[O_LOCAL_REDIRECT] += 1
+                        continue
                 if action == A_PASS:
                     self.outcomes[O_OUT_PASSED] += 1
-                    continue
-                if action == A_REDIRECT and self.node_decides and p.indev != self.tunnel_ifindex:
-                    # A local pod's flow that the node role routes to another gateway.
-                    self.outcomes[O_LOCAL_REDIRECT] += 1
                     continue
                 if action != A_SNAT:
                     self.outcomes[O_OUT_POLICY_DROP] += 1

@@ -10,7 +10,7 @@ node, a router and an external host (the node role's tests, benchmark and demo).
     underlay     bridge br0 in "sw", 198.18.0.0/24 ------- gw-1 "gw" n0 198.18.0.3
     (a switch)   router: br0 198.18.0.254 | r1 203.0.113.1/24, 198.51.100.1/24
                                      |
-    external    "ex" e0 203.0.113.10, 203.0.113.200 (/24), 198.51.100.10 (/24)
+    external    "ex" e0 203.0.113.10, .100 and .200 (/24), 198.51.100.10 (/24)
 
 - Each node routes the other nodes' pod CIDRs over the underlay (like a CNI in
   host-gateway mode) and masquerades its pods' traffic leaving the cluster to its own
@@ -59,18 +59,22 @@ class ClusterTopology:
         "node-a": "198.18.0.1",
         "node-b": "198.18.0.2",
         "gw-1": "198.18.0.3",
+        "gw-2": "198.18.0.4",
     }
-    NODE_KEYS: ClassVar[dict[str, str]] = {"node-a": "na", "node-b": "nb", "gw-1": "gw"}
+    NODE_KEYS: ClassVar[dict[str, str]] = {"node-a": "na", "node-b": "nb", "gw-1": "gw", "gw-2": "g2"}
     POD_CIDRS: ClassVar[dict[str, str]] = {
         "node-a": "198.18.16.0/24",
         "node-b": "198.18.17.0/24",
         "gw-1": "198.18.18.0/24",
+        "gw-2": "198.18.19.0/24",
     }
     CLUSTER_POD_CIDR = "198.18.16.0/20"
     EGRESS_IP = "192.0.2.10"
+    SECOND_EGRESS_IP = "192.0.2.11"  # gw-2's, with second_gateway
     EXTERNAL_IP = "203.0.113.10"  # inside the policy's destination CIDR
     EXCLUDED_IP = "203.0.113.200"  # inside its excludedCIDRs (203.0.113.128/25)
     OTHER_IP = "198.51.100.10"  # outside its destination CIDRs
+    SECOND_EXTERNAL_IP = "203.0.113.100"  # inside the destination CIDR too, another /26
     # The tunnel's own address on the gateway (reverse-path filtering; see docs/agent.md).
     TUNNEL_ADDRESS = "198.19.255.1/32"
     PODS = (
@@ -81,17 +85,22 @@ class ClusterTopology:
     )
     GATEWAY_POD = Pod("pg1", "payments-g", "payments", "gw-1", "198.18.18.2", (("app", "payment-processor"),))
 
-    def __init__(self, lab: Lab, *, offloads: bool = True, gateway_pod: bool = False) -> None:
+    def __init__(
+        self, lab: Lab, *, offloads: bool = True, gateway_pod: bool = False, second_gateway: bool = False
+    ) -> None:
         self.lab = lab
         self.pods = self.PODS + ((self.GATEWAY_POD,) if gateway_pod else ())
+        self.nodes = ("node-a", "node-b", "gw-1") + (("gw-2",) if second_gateway else ())
         self.ns: dict[str, str] = {}
-        for key in ("sw", "na", "nb", "gw", "ex", *(pod.key for pod in self.pods)):
+        node_keys = [self.NODE_KEYS[node] for node in self.nodes]
+        for key in ("sw", *node_keys, "ex", *(pod.key for pod in self.pods)):
             self.ns[key] = lab.namespace(key)
         sw = self.ns["sw"]
         lab.run(sw, "ip", "link", "add", "br0", "type", "bridge")
         lab.run(sw, "ip", "link", "set", "br0", "up")
         lab.address(sw, "br0", f"{self.ROUTER_IP}/24")
-        for node, key in self.NODE_KEYS.items():
+        for node in self.nodes:
+            key = self.NODE_KEYS[node]
             ns = self.ns[key]
             lab.veth(sw, f"p{key}", ns, "n0")
             lab.run(sw, "ip", "link", "set", f"p{key}", "master", "br0")
@@ -102,7 +111,8 @@ class ClusterTopology:
             lab.run(ns, "ip", "link", "add", "cni0", "type", "bridge")
             lab.run(ns, "ip", "link", "set", "cni0", "up")
             lab.address(ns, "cni0", f"{bridge}/24")
-            for other, cidr in self.POD_CIDRS.items():
+            for other in self.nodes:
+                cidr = self.POD_CIDRS[other]
                 if other != node:
                     lab.route(ns, cidr, self.NODE_IPS[other])
             # The CNI's masquerade: pods' traffic leaving the cluster takes the node's address.
@@ -120,15 +130,22 @@ class ClusterTopology:
         lab.veth(sw, "r1", ex, "e0")
         for cidr in ("203.0.113.1/24", "198.51.100.1/24"):
             lab.address(sw, "r1", cidr)
-        for cidr in (f"{self.EXTERNAL_IP}/24", f"{self.EXCLUDED_IP}/24", f"{self.OTHER_IP}/24"):
+        for cidr in (
+            f"{self.EXTERNAL_IP}/24",
+            f"{self.SECOND_EXTERNAL_IP}/24",
+            f"{self.EXCLUDED_IP}/24",
+            f"{self.OTHER_IP}/24",
+        ):
             lab.address(ex, "e0", cidr)
         lab.sysctl(sw, "net.ipv4.ip_forward", "1")
         lab.route(sw, "192.0.2.0/24", self.NODE_IPS["gw-1"])
+        if second_gateway:
+            lab.route(sw, f"{self.SECOND_EGRESS_IP}/32", self.NODE_IPS["gw-2"])
         lab.route(ex, "192.0.2.0/24", "203.0.113.1")
         lab.route(ex, self.UNDERLAY, "203.0.113.1")
         if not offloads:
             for key in self.ns:
-                if key in ("na", "nb", "gw"):
+                if key in node_keys:
                     lab.offloads(self.ns[key], "n0", False)
 
     def pod(self, key: str) -> Pod:
@@ -140,7 +157,7 @@ class ClusterTopology:
     def write_inventory(self, path: Path, *, relabel: dict[str, dict[str, str]] | None = None) -> Path:
         """The cluster's Inventory document (nodes, namespaces, pods) at ``path``;
         ``relabel`` replaces the labels of pods by key."""
-        path.write_text(inventory_document(self.pods, relabel or {}))
+        path.write_text(inventory_document(self.pods, relabel or {}, self.nodes))
         return path
 
     def agent_config(
@@ -176,7 +193,11 @@ gateway:
         return path
 
 
-def inventory_document(pods: tuple[Pod, ...], relabel: dict[str, dict[str, str]]) -> str:
+def inventory_document(
+    pods: tuple[Pod, ...],
+    relabel: dict[str, dict[str, str]],
+    nodes: tuple[str, ...] = ("node-a", "node-b", "gw-1"),
+) -> str:
     lines = [
         "# The lab cluster: nodes, namespaces and pods (egresscore.netlab.cluster).",
         "apiVersion: egresscore.io/v1alpha1",
@@ -190,6 +211,13 @@ def inventory_document(pods: tuple[Pod, ...], relabel: dict[str, dict[str, str]]
         f"  - {{name: node-b, addresses: [{ClusterTopology.NODE_IPS['node-b']}]}}",
         "  - {name: gw-1, labels: {egress-gateway: 'true'}, "
         f"addresses: [{ClusterTopology.NODE_IPS['gw-1']}]}}",
+    ]
+    if "gw-2" in nodes:
+        lines.append(
+            "  - {name: gw-2, labels: {second-gateway: 'true'}, "
+            f"addresses: [{ClusterTopology.NODE_IPS['gw-2']}]}}"
+        )
+    lines += [
         "  endpoints:",
     ]
     for pod in pods:
@@ -216,8 +244,12 @@ def cilium_policy(
     excluded: tuple[str, ...] = ("203.0.113.128/25",),
     egress_ip: str = ClusterTopology.EGRESS_IP,
     app: str = "payment-processor",
+    gateway_label: str = "egress-gateway",
+    on_node: str | None = None,
 ) -> str:
-    """A CiliumEgressGatewayPolicy: pods with ``app`` leave through gw-1 with ``egress_ip``."""
+    """A CiliumEgressGatewayPolicy: pods with ``app`` (on node ``on_node`` only, when
+    given) leave through the node labelled ``gateway_label`` (gw-1's) with ``egress_ip``."""
+    node = f"\n    nodeSelector:\n      matchLabels: {{kubernetes.io/hostname: {on_node}}}" if on_node else ""
     return f"""apiVersion: cilium.io/v2
 kind: CiliumEgressGatewayPolicy
 metadata:
@@ -225,11 +257,11 @@ metadata:
 spec:
   selectors:
   - podSelector:
-      matchLabels: {{app: {app}}}
+      matchLabels: {{app: {app}}}{node}
   destinationCIDRs: [{", ".join(destinations)}]
   excludedCIDRs: [{", ".join(excluded)}]
   egressGateway:
     nodeSelector:
-      matchLabels: {{egress-gateway: "true"}}
+      matchLabels: {{{gateway_label}: "true"}}
     egressIP: {egress_ip}
 """
