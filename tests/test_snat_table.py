@@ -588,18 +588,20 @@ def test_pod_port_is_kept_when_free(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", list(FLOW_MAKERS))
 def test_pod_port_outside_the_range_gets_one_inside(kind: str) -> None:
+    # Folded into the range: 20000 + (port - 20000) mod 10.
     table = make_table(port_range=(20000, 20009))
-    seen = set()
-    for port in (1, 1234, 19999, 20010, 65535):
+    for port, folded in ((1, 20001), (1234, 20004), (19999, 20009), (20010, 20000), (65535, 20005)):
         flow = FLOW_MAKERS[kind](port)
         verdict, translated = send(table, flow, 1000.0, egress_for(flow))
         assert verdict == Verdict.TRANSLATED
         egress, egress_port = egress_side(translated)
-        assert egress == egress_for(flow)
-        assert 20000 <= egress_port <= 20009
+        assert (egress, egress_port) == (egress_for(flow), folded)
         assert_rewritten(translated, outbound_packet(flow), src=egress, sport=egress_port)
-        seen.add(egress_port)
-    assert len(seen) == 5, "flows to the same destination got the same port"
+    # 20011 folds onto 20001, which 1 holds toward the same destination: another port.
+    flow = FLOW_MAKERS[kind](20011)
+    verdict, translated = send(table, flow, 1000.0, egress_for(flow))
+    assert verdict == Verdict.TRANSLATED
+    assert egress_side(translated)[1] in {20002, 20003, 20006, 20007, 20008}
 
 
 def test_taken_port_gets_another_but_port_space_is_per_destination() -> None:
@@ -1510,7 +1512,8 @@ def test_the_oracle_on_its_own() -> None:
         oracle.outbound(udp(POD4B, 1), E4, 1002.0, verdict=Verdict.TRANSLATED, port=30001)
     with pytest.raises(OracleMismatch, match="outside"):
         oracle.outbound(udp(POD4B, 1), E4, 1002.0, verdict=Verdict.TRANSLATED, port=29999)
-    second = oracle.outbound(tcp(POD4B, 1, flags=SYN), E4, 1002.0, verdict=Verdict.TRANSLATED, port=30000)
+    # Port 1 folds onto 30001, free for TCP toward R4.
+    second = oracle.outbound(tcp(POD4B, 1, flags=SYN), E4, 1002.0, verdict=Verdict.TRANSLATED, port=30001)
     assert second.entry is not None and second.entry[7] == State.SYN_SENT
     # Full: the replied UDP entry may not go, the SYN_SENT one may.
     third = udp(POD4B, 2, R4B)

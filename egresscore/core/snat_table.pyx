@@ -703,7 +703,7 @@ cdef class SnatTable:
                            const PacketView *view, double now, uint32_t *out) noexcept nogil:
         cdef FlowKey reply
         cdef uint64_t reply_hash = 0
-        cdef uint32_t range_size, probes, start, i, index
+        cdef uint32_t range_size, probes, start, i, index, offset
         cdef int port = -1
         cdef uint16_t candidate
         cdef FlowEntry *e
@@ -713,9 +713,16 @@ cdef class SnatTable:
         reply.protocol = original.protocol
         reply.family = original.family
         range_size = <uint32_t>self.port_high - self.port_low + 1
-        if (self.port_low <= original.port_a <= self.port_high
-                and self.reply_tuple_free(&reply, original.port_a, &reply_hash, now)):
-            port = original.port_a
+        # The first choice is the pod's port, folded into the range when outside it: a
+        # client cycling through its ports then cycles through the egress ports in the
+        # same order, and reuses one only when it reuses its own (docs/snat.md).
+        if original.port_a >= self.port_low:
+            offset = (<uint32_t>original.port_a - self.port_low) % range_size
+        else:
+            offset = range_size - 1 - (<uint32_t>self.port_low - original.port_a - 1) % range_size
+        candidate = <uint16_t>(self.port_low + offset)
+        if self.reply_tuple_free(&reply, candidate, &reply_hash, now):
+            port = candidate
         else:
             probes = self.max_port_probes if self.max_port_probes < range_size else range_size
             start = <uint32_t>(next_random(&self.random_state) % range_size)

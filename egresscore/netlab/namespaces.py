@@ -119,7 +119,7 @@ class Lab:
             ["ip", "netns", "exec", self._own(ns), *argv],
             stdout=options.pop("stdout", output),
             stderr=options.pop("stderr", output),
-            stdin=subprocess.DEVNULL,
+            stdin=options.pop("stdin", subprocess.DEVNULL),
             **options,
         )
         if log is not None and not isinstance(output, int):

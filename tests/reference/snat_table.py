@@ -17,8 +17,8 @@ table-full and port checks and the state a few odd opening segments lead to. Eve
 event method therefore takes the choice the compiled table made (``port=``,
 ``evicted=``, ``verdict=``, ``opened_state=``), checks that it is one the specification
 allows, raises :class:`OracleMismatch` (an AssertionError) with the reason if not, and
-then applies it. Without those arguments the oracle chooses by itself (the pod port or
-the lowest free port, the oldest unreplied entry, the table-full check first).
+then applies it. Without those arguments the oracle chooses by itself (the pod port folded
+into the range, or the lowest free port, the oldest unreplied entry, the table-full check first).
 """
 
 from __future__ import annotations
@@ -579,13 +579,19 @@ class ReferenceSnatTable:
             return f"port {port} is outside port_range {self.port_range}"
         if self._port_taken(flow, egress, port, without):
             return f"port {port} is taken toward {flow.remote_ip} port {flow.remote_port}"
-        if self._pod_port_free(flow, egress, without) and port != flow.pod_port:
-            return f"port {port} allocated although the pod port {flow.pod_port} is in range and free"
+        preferred = self.preferred_port(flow.pod_port)
+        if self._pod_port_free(flow, egress, without) and port != preferred:
+            return f"port {port} allocated although {preferred} (pod port {flow.pod_port}, folded) is free"
         return None
 
-    def _pod_port_free(self, flow: Flow, egress: Address, without: _Entry | None) -> bool:
+    def preferred_port(self, pod_port: int) -> int:
+        """The first choice for a new flow (docs/snat.md): the pod's port, folded into
+        ``port_range`` when outside it."""
         low, high = self.port_range
-        return low <= flow.pod_port <= high and not self._port_taken(flow, egress, flow.pod_port, without)
+        return low + (pod_port - low) % (high - low + 1)
+
+    def _pod_port_free(self, flow: Flow, egress: Address, without: _Entry | None) -> bool:
+        return not self._port_taken(flow, egress, self.preferred_port(flow.pod_port), without)
 
     def _may_exhaust(self, flow: Flow, egress: Address, without: _Entry | None) -> bool:
         """Whether a probe of min(max_port_probes, range size) ports from some start finds none free."""
@@ -599,7 +605,7 @@ class ReferenceSnatTable:
 
     def _first_free_port(self, flow: Flow, egress: Address, without: _Entry | None) -> int | None:
         if self._pod_port_free(flow, egress, without):
-            return flow.pod_port
+            return self.preferred_port(flow.pod_port)
         low, high = self.port_range
         return next((p for p in range(low, high + 1) if not self._port_taken(flow, egress, p, without)), None)
 
