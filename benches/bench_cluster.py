@@ -254,12 +254,7 @@ SERVERS = itertools.count()
 def started_server(cluster: Cluster, kind: str, port: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
     """A recording server on the external host, and its record file (one per start)."""
     record_path = cluster.lab.workdir / f"{name}-{next(SERVERS)}.jsonl"
-    server = cluster.lab.python(
-        cluster.external, "egresscore.netlab.peers", kind, "--bind", EXTERNAL, "--port", str(port),
-        "--record", str(record_path), "--duration", "120", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-    return server, record_path
+    return cluster.lab.peer(cluster.external, kind, bind=EXTERNAL, port=port, record=record_path), record_path
 
 
 def load(cluster: Cluster, mode: str, *args: str, timeout: float) -> dict[str, Any]:

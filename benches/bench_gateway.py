@@ -201,11 +201,9 @@ def test_tcp_throughput(
 def connections(gateway: Gateway, seconds: float) -> dict[str, Any]:
     lab, topo = gateway.lab, gateway.topology
     record_path = str(lab.workdir / f"sink-{gateway.peer}.jsonl")
-    sink = lab.python(
-        topo.external, "egresscore.netlab.peers", "tcp-sink", "--bind", EXTERNAL, "--port", "9100",
-        "--record", record_path, "--duration", str(seconds + 60), stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+    sink = lab.peer(
+        topo.external, "tcp-sink", bind=EXTERNAL, port=9100, record=record_path, duration=seconds + 60
+    )
     result = lab.run(
         topo.client, sys.executable, "-m", "egresscore.netlab.load", "connections", "--host", EXTERNAL,
         "--port", "9100", "--duration", str(seconds), "--concurrency", "32", timeout=seconds + 30,
@@ -230,11 +228,7 @@ def test_new_connections_per_second(benchmark: Any, gateway: Gateway, request: p
 def small_udp(gateway: Gateway, count: int) -> dict[str, Any]:
     lab, topo = gateway.lab, gateway.topology
     record_path = str(lab.workdir / f"udp-{gateway.peer}.jsonl")
-    sink = lab.python(
-        topo.external, "egresscore.netlab.peers", "udp-sink", "--bind", EXTERNAL, "--port", "9200",
-        "--record", record_path, "--duration", "120", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
+    sink = lab.peer(topo.external, "udp-sink", bind=EXTERNAL, port=9200, record=record_path)
     sent = json.loads(
         lab.run(
             topo.client, sys.executable, "-m", "egresscore.netlab.load", "udp", "--host", EXTERNAL,

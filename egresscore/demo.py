@@ -83,13 +83,7 @@ def run_cluster_demo(echo: Callable[[str], object] = print) -> list[DemoRow]:
             agents.append(AgentRun(lab, topology.ns[key], config, "node", f"{node}.log"))
         echo("agents running: egresscore run --role gateway on gw-1, --role node on node-a and node-b")
         record = work / "http.jsonl"
-        server = lab.python(
-            topology.ns["ex"], "egresscore.netlab.peers", "http", "--bind", "0.0.0.0", "--port", str(PORT),
-            "--record", str(record), "--duration", "120", stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the external HTTP server did not start")
+        server = lab.peer(topology.ns["ex"], "http", bind="0.0.0.0", port=PORT, record=record)
         for pod in topology.pods:
             for destination, why in _destinations():
                 token = f"/demo/{pod.key}/{destination}"

@@ -111,12 +111,9 @@ class Cluster:
     def server(self, kind: str, port: int, where: str = "ex", bind: str = "0.0.0.0") -> str:
         """Start a recording server; returns its record file."""
         record = str(self.work / f"{kind}-{where}-{port}-{len(self.servers)}.jsonl")
-        process = self.lab.python(
-            self.topology.ns[where], "egresscore.netlab.peers", kind, "--bind", bind, "--port", str(port),
-            "--record", record, "--duration", "300", stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
-        self.servers[record] = process
+        self.servers[record] = self.lab.peer(
+            self.topology.ns[where], kind, bind=bind, port=port, record=record, duration=300
+        )
         return record
 
     def stop_server(self, record: str) -> list[dict[str, Any]]:

@@ -48,11 +48,7 @@ def host_state(lab: Lab, topology: GatewayTopology) -> tuple[list[str], bool]:
 
 def udp_sink(lab: Lab, topology: GatewayTopology, name: str) -> tuple[subprocess.Popen[bytes], str]:
     record = str(lab.workdir / f"{name}.jsonl")
-    process = lab.python(
-        topology.external, "egresscore.netlab.peers", "udp-sink", "--bind", EXTERNAL, "--port", "7100",
-        "--record", record, "--duration", "60", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+    process = lab.peer(topology.external, "udp-sink", bind=EXTERNAL, port=7100, record=record, duration=60)
     return process, record
 
 
@@ -279,11 +275,7 @@ def test_a_tcp_flow_older_than_the_gateway_is_cut_not_left_masqueraded(
     # masqueraded (conntrack's own entry has a source NAT too: only the connmark tells).
     lab, topology = net
     record = str(lab.workdir / "stream.jsonl")
-    server = lab.python(
-        topology.external, "egresscore.netlab.peers", "tcp-stream", "--bind", EXTERNAL, "--port", "7300",
-        "--record", record, "--duration", "60", stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    server = lab.peer(topology.external, "tcp-stream", bind=EXTERNAL, port=7300, record=record, duration=60)
     client = lab.python(
         topology.client, "egresscore.netlab.load", "stream", "--host", EXTERNAL, "--port", "7300",
         "--duration", "6", stdout=subprocess.PIPE,

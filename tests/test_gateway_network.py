@@ -46,12 +46,7 @@ class Site:
 
     def server(self, kind: str, port: int) -> str:
         record = str(self.lab.workdir / f"{kind}-{port}.jsonl")
-        process = self.lab.python(
-            self.topology.external, "egresscore.netlab.peers", kind, "--bind", EXTERNAL, "--port", str(port),
-            "--record", record, "--duration", "120", stdout=-1,
-        )  # fmt: skip
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == b"ready"
+        self.lab.peer(self.topology.external, kind, bind=EXTERNAL, port=port, record=record)
         return record
 
 

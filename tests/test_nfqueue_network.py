@@ -50,10 +50,7 @@ def start_probe(lab: Lab, ns: str, mode: str, count: int = 5) -> subprocess.Pope
 
 def sink(lab: Lab, ns: str) -> tuple[subprocess.Popen[bytes], str]:
     record = str(lab.workdir / "sink.jsonl")
-    process = lab.python(ns, "egresscore.netlab.peers", "udp-echo", "--bind", RECEIVER, "--port", "9999",
-                         "--record", record, "--duration", "30", stdout=subprocess.PIPE)  # fmt: skip
-    assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
-    return process, record
+    return lab.peer(ns, "udp-echo", bind=RECEIVER, port=9999, record=record, duration=30), record
 
 
 def send(lab: Lab, ns: str, count: int) -> None:

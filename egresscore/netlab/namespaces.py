@@ -131,6 +131,21 @@ class Lab:
         """Start ``python -m module args`` inside ``ns`` with this interpreter."""
         return self.spawn(ns, [sys.executable, "-m", module, *args], **options)
 
+    def peer(
+        self, ns: str, kind: str, *, bind: str, port: int, record: str | Path, duration: float = 120
+    ) -> subprocess.Popen[bytes]:
+        """Start a recording server of :mod:`egresscore.netlab.peers` (``kind``) in ``ns``,
+        bounded by ``duration`` seconds, once it listens; it records to ``record``."""
+        process = self.python(
+            ns, "egresscore.netlab.peers", kind, "--bind", bind, "--port", str(port), "--record", str(record),
+            "--duration", str(duration), stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != b"ready":
+            self.stop(process)
+            raise LabError(f"the {kind} server in {ns} did not start on {bind} port {port}")
+        return process
+
     def stop(self, process: subprocess.Popen[Any], timeout: float = 10) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
         if process.poll() is None:
