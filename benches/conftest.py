@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -179,6 +180,11 @@ _RELATIONS: Final = {
     "<=": lambda value, threshold: value <= threshold,
     "<": lambda value, threshold: value < threshold,
 }
+
+
+def _target_line(target: dict[str, Any]) -> str:
+    met = {True: "yes", False: "NO", None: "-"}[target["met"]]
+    return f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
 
 
 def _target(
@@ -346,9 +352,7 @@ def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
     yield ""
     yield "TARGETS"
     yield f"{'target':<62}{'measured':>16}  met"
-    for target in summary["targets"]:
-        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
-        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
+    yield from map(_target_line, summary["targets"])
 
 
 def pytest_benchmark_update_json(
@@ -602,9 +606,7 @@ def gateway_lines(config: pytest.Config) -> Iterator[str]:
             yield (f"{metric if position == 0 else '':<8}{peer:<18}{row['value']:>16,.2f}  {row['unit']:<11}"
                    f"{ratio:>16}{cpu:>8}{queued:>10}{per:>11}  {other}")  # fmt: skip
     yield ""
-    for target in gateway_targets(config):
-        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
-        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
+    yield from map(_target_line, gateway_targets(config))
 
 
 # === Cluster (bench_cluster.py) ====================================================================
@@ -621,11 +623,7 @@ CLUSTER_MAX_ADDED_LATENCY_US: Final = 50.0
 
 
 def _median(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return statistics.median(values) if values else None
 
 
 def _rounds(
@@ -717,6 +715,4 @@ def cluster_lines(config: pytest.Config) -> Iterator[str]:
         if median is not None and p90 is not None:
             yield (f"added first-packet latency, {metric[8:].upper()} (egresscore - kernel gateway, "
                    f"median of rounds): median {median:+,.1f} us, p90 {p90:+,.1f} us")  # fmt: skip
-    for target in cluster_targets(config):
-        met = {True: "yes", False: "NO", None: "-"}[target["met"]]
-        yield f"{target['target']:<62}{_format_value(target['value'], target['unit']):>16}  {met}"
+    yield from map(_target_line, cluster_targets(config))

@@ -75,9 +75,9 @@ def connections(args: argparse.Namespace) -> dict[str, Any]:
         selector.register(sock, selectors.EVENT_READ, (time.monotonic(),))
         in_flight += 1
 
-    while time.monotonic() < deadline and (args.max == 0 or done + failures + in_flight < args.max):
-        while in_flight < args.concurrency and (args.max == 0 or done + failures + in_flight < args.max):
-            open_one()
+    def read_answers() -> None:
+        # Each ready connection: its one-byte answer, or its error.
+        nonlocal in_flight, done, failures
         for key, _events in selector.select(0.05):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
@@ -93,6 +93,11 @@ def connections(args: argparse.Namespace) -> dict[str, Any]:
                 if len(errors) < 5:
                     errors.append(str(error))
             sock.close()
+
+    while time.monotonic() < deadline and (args.max == 0 or done + failures + in_flight < args.max):
+        while in_flight < args.concurrency and (args.max == 0 or done + failures + in_flight < args.max):
+            open_one()
+        read_answers()
         now = time.monotonic()
         for key in list(selector.get_map().values()):
             if now - key.data[0] > args.timeout:
@@ -103,19 +108,7 @@ def connections(args: argparse.Namespace) -> dict[str, Any]:
     # Connections still open at the deadline get their answer or time out: none is abandoned.
     finish = time.monotonic() + args.timeout
     while in_flight and time.monotonic() < finish:
-        for key, _events in selector.select(0.05):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            selector.unregister(sock)
-            in_flight -= 1
-            try:
-                if sock.recv(1) == b"k":
-                    done += 1
-                else:
-                    failures += 1
-            except OSError:
-                failures += 1
-            sock.close()
+        read_answers()
     failures += in_flight
     elapsed = time.monotonic() - started
     return {
@@ -219,40 +212,38 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m egresscore.netlab.load")
     sub = parser.add_subparsers(dest="mode", required=True)
+
+    def addressed(mode: str) -> argparse.ArgumentParser:
+        # A mode that talks to one server: its address and port.
+        mode_parser = sub.add_parser(mode)
+        mode_parser.add_argument("--host", required=True)
+        mode_parser.add_argument("--port", type=int, required=True)
+        return mode_parser
+
     p = sub.add_parser("http")
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--expect", default="")
-    p = sub.add_parser("connections")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p = addressed("connections")
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3.0)
-    p = sub.add_parser("udp")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p = addressed("udp")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--count", type=int, default=100000)
     p.add_argument("--rate", type=float, default=0.0)
-    p = sub.add_parser("udp-echo")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p = addressed("udp-echo")
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--timeout", type=float, default=2.0)
-    p = sub.add_parser("stream")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p = addressed("stream")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--interval", type=float, default=0.05)
-    p = sub.add_parser("latency")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
+    p = addressed("latency")
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
     p.add_argument("--pause", type=float, default=0.002)

@@ -110,12 +110,17 @@ def _serve_udp(args: argparse.Namespace, record: _Recorder, stop: threading.Even
     sock.close()
 
 
-def _serve_tcp_sink(args: argparse.Namespace, record: _Recorder, stop: threading.Event) -> None:
+def _tcp_listener(args: argparse.Namespace, backlog: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
-    listener.listen(4096)
+    listener.listen(backlog)
     listener.setblocking(False)
+    return listener
+
+
+def _serve_tcp_sink(args: argparse.Namespace, record: _Recorder, stop: threading.Event) -> None:
+    listener = _tcp_listener(args, 4096)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     counts: Counter[str] = Counter()
@@ -139,11 +144,7 @@ def _serve_tcp_sink(args: argparse.Namespace, record: _Recorder, stop: threading
 
 
 def _serve_tcp_stream(args: argparse.Namespace, record: _Recorder, stop: threading.Event) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((args.bind, args.port))
-    listener.listen(64)
-    listener.setblocking(False)
+    listener = _tcp_listener(args, 64)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, None)
     started = time.monotonic()
