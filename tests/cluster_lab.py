@@ -148,16 +148,20 @@ class Cluster:
         return self.topology.ns[key]
 
     def host_state(self, node: str) -> dict[str, Any]:
-        """What egresscore has in a node's namespace: chains, rules, link."""
+        """What egresscore has in a node's namespace: chains, the slots' rules (priority
+        100), the guard rules under them (101 and 102), the link."""
         ns = self.topology.ns[ClusterTopology.NODE_KEYS[node]]
         chains = [
             line for line in self.lab.run(ns, "iptables-save").stdout.splitlines() if "EGRESSCORE" in line
         ]
-        rules = [
-            line for line in self.lab.run(ns, "ip", "rule").stdout.splitlines() if line.startswith("100:")
-        ]
+        rules = self.lab.run(ns, "ip", "rule").stdout.splitlines()
         link = self.lab.run(ns, "ip", "link", "show", "egc.vx", check=False).returncode == 0
-        return {"chains": chains, "rules": rules, "link": link}
+        return {
+            "chains": chains,
+            "rules": [line for line in rules if line.startswith("100:")],
+            "guard_rules": [line for line in rules if line.startswith(("101:", "102:"))],
+            "link": link,
+        }
 
 
 @contextmanager

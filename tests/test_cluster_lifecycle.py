@@ -256,14 +256,14 @@ def test_a_stopped_node_agent_holds_selected_flows_and_cleanup_removes_everythin
         assert seen == EGRESS and all(count > 0 for count in intervals), intervals
         assert site.agents["node-a"].stop() == 0
         state = site.host_state("node-a")
-        assert state["chains"] and state["rules"] and state["link"]
+        assert state["chains"] and state["rules"] and len(state["guard_rules"]) == 2 and state["link"]
         config = site.work / "node-a.yaml"
         cleaned = site.lab.run(
             site.ns("na"), *egresscore_command(), "cleanup", "--role", "node", "--config", str(config)
         )
         assert "removed iptables chains EGRESSCORE-NODE-*" in cleaned.stdout
         assert "removed link egc.vx" in cleaned.stdout
-        assert site.host_state("node-a") == {"chains": [], "rules": [], "link": False}
+        assert site.host_state("node-a") == {"chains": [], "rules": [], "guard_rules": [], "link": False}
         # Without egresscore the pod's flows take the node's address: nothing holds them.
         assert site.fetch("pa1", EXTERNAL, record) == NODE_A
 
@@ -275,7 +275,7 @@ def test_failure_mode_open_removes_everything_on_stop() -> None:
         chains = site.host_state("node-a")["chains"]
         assert all("--queue-bypass" in line for line in chains if "NFQUEUE" in line)
         assert site.agents["node-a"].stop() == 0
-        assert site.host_state("node-a") == {"chains": [], "rules": [], "link": False}
+        assert site.host_state("node-a") == {"chains": [], "rules": [], "guard_rules": [], "link": False}
         # Open: with no agent the pod leaves with its node's address rather than not at all.
         assert site.fetch("pa1", EXTERNAL, record) == NODE_A
         assert site.fetch("pb1", EXTERNAL, record) == EGRESS
@@ -302,7 +302,7 @@ def test_a_bad_policy_at_start_and_a_second_agent_change_nothing() -> None:
         assert refused.returncode == 1
         failed = [json.loads(line) for line in refused.stderr.splitlines() if '"failed"' in line]
         assert failed and "policy.yaml" in failed[0]["error"] and "203.0.113.0/33" in failed[0]["error"]
-        assert site.host_state("node-a") == {"chains": [], "rules": [], "link": False}
+        assert site.host_state("node-a") == {"chains": [], "rules": [], "guard_rules": [], "link": False}
 
 
 SECOND_EGRESS = ClusterTopology.SECOND_EGRESS_IP

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from egresscore.agent import iptables
@@ -454,8 +454,8 @@ def remove_node_state(config: AgentConfig, settings: dict[str, Any]) -> tuple[li
     except EgressCoreError as error:
         problems.append(str(error))
     try:
-        mask = int(settings["mark_mask"])
-        flag = 1 << ((mask & -mask).bit_length() - 1 + mask.bit_count() - 1)
+        # The flag of the mark field the recorded run used, which this configuration may not.
+        flag = replace(config.redirect, mark_mask=int(settings["mark_mask"])).redirect_flag()
         if remove_guard_rules(int(settings["rule_priority"]), flag):
             removed.append(
                 f"the rules at priorities {settings['rule_priority'] + 1} and {settings['rule_priority'] + 2}"

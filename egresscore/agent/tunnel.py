@@ -341,17 +341,12 @@ def remove_guard_rules(priority: int, flag: int) -> bool:
     """Delete the two guard rules; whether there was any."""
     removed = False
     with IPRoute() as ipr:
-        for rule in ipr.get_rules(family=AF_INET):
-            if (
-                rule.get_attr("FRA_PRIORITY") in (priority + 1, priority + 2)
-                and rule.get_attr("FRA_FWMARK") == flag
-                and rule.get_attr("FRA_FWMASK") == flag
-            ):
-                with contextlib.suppress(NetlinkError):
-                    ipr.rule("del", priority=rule.get_attr("FRA_PRIORITY"), fwmark=flag, fwmask=flag,
-                             **({"table": MAIN_TABLE, "iifname": "lo"} if rule["action"] != 6 else
-                                {"action": FR_ACT_BLACKHOLE}))  # fmt: skip
-                    removed = True
+        for rule in _guard_rules(priority, flag):
+            try:
+                ipr.rule("del", **rule)
+            except NetlinkError:
+                continue  # not there
+            removed = True
     return removed
 
 
